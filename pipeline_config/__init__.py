@@ -1,0 +1,252 @@
+"""The one configuration schema of tfpipe.
+
+Every stage reads its own section (`data`, `model`, `train`, `evaluate`, `predict`, `artifacts`,
+`schedule`). A config is the default YAML, optionally a user YAML merged over it, then dotted
+`--set key=value` overrides. Unknown keys and wrong types are rejected before any work is done.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
+SOURCE_SCHEMES = ("mnist", "parquet:", "npz:", "tfds:")
+LAYER_TYPES = ("Conv2D", "MaxPool2D", "AveragePooling2D", "Activation", "Dropout", "Flatten", "Dense",
+               "BatchNormalization", "GlobalAveragePooling2D")
+
+
+class ConfigError(Exception):
+    """A configuration the user must fix. Its message is one line that names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = "mnist"
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    shards: int = Field(4, ge=1)
+    seed: int = 42
+    image_column: str = "image"
+    label_column: str = "label"
+    image_shape: list[int] | None = None
+    limit: int | None = Field(None, ge=1, description="use only the first N examples of each split")
+    shuffle_buffer: int = Field(10000, ge=1)
+    tfds_data_dir: str | None = None
+    tfds_download: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value != "mnist" and not any(value.startswith(s) and len(value) > len(s) for s in SOURCE_SCHEMES[1:]):
+            raise ValueError(f"unknown source {value!r}: use mnist, parquet:PATH, npz:PATH or tfds:NAME")
+        return value
+
+    @field_validator("image_shape")
+    @classmethod
+    def _shape(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) not in (2, 3) or min(value) < 1):
+            raise ValueError("image_shape must be [height, width] or [height, width, channels] of positive sizes")
+        return value
+
+
+class LayerSpec(BaseModel):
+    """One layer: `type` plus the Keras constructor arguments of that layer."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ModelConfig(Section):
+    name: str = "basic_cnn"
+    layers: list[LayerSpec] = Field(default_factory=list)
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "rmsprop", "adam"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, description="sgd only")
+
+
+class TrainConfig(Section):
+    mode: Literal["fit", "custom"] = "fit"
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch size, split across replicas")
+    loss: Literal["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy"] = (
+        "sparse_categorical_crossentropy")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    strategy: Literal["auto", "mirrored", "one_device", "multi_worker"] = "auto"
+    devices: list[str] | None = None
+    cpu_replicas: int | None = Field(None, ge=1)
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    seed: int = 42
+    deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "TrainConfig":
+        if self.strategy == "multi_worker":
+            raise ValueError("strategy multi_worker is not supported yet: use auto, mirrored or one_device")
+        if self.cpu_replicas and self.strategy == "one_device":
+            raise ValueError("cpu_replicas mirrors over several CPU devices: it cannot be used with strategy one_device")
+        return self
+
+
+class EvaluateConfig(Section):
+    min_accuracy: float = Field(0.9, ge=0, le=1)
+    min_macro_f1: float = Field(0.0, ge=0, le=1)
+    max_regression: float = Field(0.005, ge=0, le=1, description="how much lower the challenger's accuracy may be")
+    batch_size: int = Field(1024, ge=1)
+
+
+class PredictConfig(Section):
+    input: str | None = None
+    batch_size: int = Field(1024, ge=1)
+    key_columns: list[str] = Field(default_factory=list)
+    allow_unblessed: bool = False
+
+
+class ArtifactsConfig(Section):
+    root: str = "./artifacts"
+
+
+class ScheduleConfig(Section):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class PipelineConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+def fingerprint(value: Any) -> str:
+    """sha256 of the canonical JSON of a config section (or any JSON-able value)."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected a dotted key such as train.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str] | None:
+    """The field names at `path` inside the schema, or None when the path is not a section."""
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return list(model.model_fields)
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        known = _known_keys(PipelineConfig, parts[:i])
+        if known is not None and part not in known:
+            raise ConfigError(_unknown_key_message(".".join(parts[: i + 1]), known))
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    known = _known_keys(PipelineConfig, parts[:-1])
+    if known is not None and parts[-1] not in known:
+        raise ConfigError(_unknown_key_message(".".join(parts), known))
+    node[parts[-1]] = value
+
+
+def _unknown_key_message(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(known)})"
+    return f"config error: {key}: unknown key{hint}"
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "layers":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config error: config file {path} not found: pass an existing YAML file to --config")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config error: {path}{where} is not valid YAML: fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping of sections (data, model, train, ...)")
+    return data
+
+
+def validation_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        parent = [str(p) for p in err["loc"][:-1]]
+        known = _known_keys(PipelineConfig, parent) or []
+        return _unknown_key_message(key, known)
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"config error: {key}: {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+    """Default YAML, then `path` merged over it, then dotted overrides; validated.
+
+    Raises ConfigError with one line naming the offending key.
+    """
+    tree = _read_yaml(DEFAULT_CONFIG_PATH)
+    if path:
+        tree = _merge(tree, _read_yaml(Path(path)))
+    items: list[tuple[list[str], Any]]
+    if isinstance(overrides, dict):
+        items = [(k.split("."), v) for k, v in overrides.items()]
+    else:
+        items = [_parse_override(o) for o in overrides or []]
+    env_root = os.environ.get("TFPIPE_ARTIFACTS")
+    if env_root:  # the environment beats the files, an explicit --set beats the environment
+        tree.setdefault("artifacts", {})["root"] = env_root
+    for parts, value in items:
+        _set_dotted(tree, parts, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc)) from None

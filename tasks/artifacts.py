@@ -1,0 +1,205 @@
+"""The artifact store and the typed references the stages hand each other.
+
+Each stage output lives in `<root>/<stage>/<fingerprint>/`. It is written into a temporary sibling
+directory, `manifest.json` is written last, and the directory is published by one rename. A directory
+without a complete manifest is never reused. File operations go through `tf.io.gfile`, so a `gs://` root is
+the natural extension (object stores do not rename directories atomically: that is the work left there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.errors import PipelineError
+
+MANIFEST = "manifest.json"
+
+
+def _gfile():
+    import tensorflow as tf  # imported late: config errors must not wait for TensorFlow
+
+    return tf.io.gfile
+
+
+def join(*parts: str) -> str:
+    return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def stage_dir(root: str, stage: str, fingerprint: str) -> str:
+    return join(root, stage, fingerprint)
+
+
+def read_json(path: str) -> Any:
+    with _gfile().GFile(path, "r") as f:
+        return json.load(f)
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    """Write JSON next to `path` and rename it over `path`: readers see the old or the new file, whole."""
+    gfile = _gfile()
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True))
+    gfile.rename(tmp, path, overwrite=True)
+
+
+def read_manifest(directory: str) -> dict | None:
+    """The manifest of a published directory, or None when it is missing or incomplete."""
+    path = join(directory, MANIFEST)
+    gfile = _gfile()
+    if not gfile.exists(path):
+        return None
+    try:
+        manifest = read_json(path)
+    except (ValueError, OSError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("complete") is True else None
+
+
+def find_published(root: str, stage: str, fingerprint: str) -> dict | None:
+    return read_manifest(stage_dir(root, stage, fingerprint))
+
+
+def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict]) -> dict:
+    """Run `write(tmp_dir)`, which fills the directory and returns the manifest body, then publish.
+
+    On any failure the temporary directory is removed and directories this call created are pruned, so
+    a failed stage leaves nothing behind under the root.
+    """
+    gfile = _gfile()
+    created = [d for d in (root, join(root, stage)) if not gfile.exists(d)]
+    final = stage_dir(root, stage, fingerprint)
+    tmp = join(root, stage, f".tmp-{fingerprint[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    gfile.makedirs(tmp)
+    try:
+        body = write(tmp)
+        manifest = {**body, "stage": stage, "fingerprint": fingerprint, "created": time.time(), "complete": True}
+        write_json_atomic(join(tmp, MANIFEST), manifest)  # last: it marks the directory complete
+        if gfile.exists(final):
+            if read_manifest(final) is not None:  # another run published the same content first
+                gfile.rmtree(tmp)
+                return read_manifest(final)
+            gfile.rmtree(final)  # a leftover without a complete manifest is never reused
+        gfile.rename(tmp, final)
+        return manifest
+    except BaseException:
+        remove_tree(tmp)
+        prune_empty(*reversed(created))
+        raise
+
+
+def remove_tree(path: str) -> None:
+    gfile = _gfile()
+    if gfile.exists(path):
+        if is_local(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            gfile.rmtree(path)
+
+
+def prune_empty(*directories: str) -> None:
+    """Remove each directory if it is empty (children first)."""
+    for d in directories:
+        if is_local(d):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+class ArtifactRef(BaseModel):
+    """A small, JSON-serialisable reference to a published stage output."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str
+    fingerprint: str
+    cache_hit: bool = False
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+class DatasetArtifact(ArtifactRef):
+    source: str
+    source_hash: str
+    counts: dict[str, int]
+    image_shape: list[int]
+    num_classes: int
+    label_names: list[str] | None = None
+    element_spec: dict[str, dict]
+    shards: dict[str, list[str]]  # split -> shard file names relative to uri
+
+
+class ModelArtifact(ArtifactRef):
+    dataset_fingerprint: str
+    model_path: str
+    saved_model_path: str
+    history_path: str
+    tensorboard_dir: str
+    mode: str
+    strategy: str
+    devices: list[str]
+    replicas: int
+    global_batch_size: int
+    per_replica_batch_size: int
+    precision: str
+    precision_reason: str
+    epochs: int
+    resumed_from_epoch: int = 0
+    final_metrics: dict[str, float]
+    image_shape: list[int]
+    num_classes: int
+    label_names: list[str] | None = None
+    loss: str
+
+
+class GateReason(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    check: str
+    metric: str
+    threshold: float
+    observed: float
+    passed: bool
+
+
+class EvaluationArtifact(ArtifactRef):
+    model_fingerprint: str
+    dataset_fingerprint: str
+    metrics: dict[str, Any]
+    blessed: bool
+    reasons: list[GateReason]
+    champion_before: str | None = None
+    champion_after: str | None = None
+    metrics_path: str
+    plots: list[str]
+
+
+class PredictionArtifact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    output: str
+    rows: int
+    sha256: str
+    model_fingerprint: str
+    input: str
+    seconds: float
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def require_published(uri: str, what: str) -> dict:
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise PipelineError(f"{what} {uri} is not a published artifact (no complete manifest.json): re-run the stage that makes it")
+    return manifest

@@ -1,0 +1,124 @@
+"""Where training runs and in which precision: device set-up, the distribution strategy, the dtype policy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import tensorflow as tf
+
+from pipeline_config import TrainConfig
+from tasks.errors import PipelineError
+
+log = logging.getLogger("tfpipe.devices")
+
+
+def configure_devices(cfg: TrainConfig) -> None:
+    """Split the CPU into `cpu_replicas` logical devices and enable GPU memory growth.
+
+    Must run before the first TensorFlow op of the process; the CLI and the flows call it first thing.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # already initialised: the setting from the first call stands
+    if cfg.cpu_replicas:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        current = tf.config.get_logical_device_configuration(cpu)
+        if current is not None and len(current) == cfg.cpu_replicas:
+            return
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_replicas)
+        except RuntimeError:
+            have = len(tf.config.list_logical_devices("CPU"))
+            if have != cfg.cpu_replicas:
+                raise PipelineError(f"train.cpu_replicas={cfg.cpu_replicas} must be set before TensorFlow starts, and "
+                                    f"this process already runs with {have} CPU device(s): start a fresh process") from None
+
+
+def make_strategy(cfg: TrainConfig) -> tf.distribute.Strategy:
+    gpus = tf.config.list_logical_devices("GPU")
+    if cfg.cpu_replicas:
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")][: cfg.cpu_replicas]
+        if len(cpus) < cfg.cpu_replicas:
+            raise PipelineError(f"train.cpu_replicas={cfg.cpu_replicas} but only {len(cpus)} CPU device(s) exist: "
+                                "start a fresh process so they can be configured")
+        return tf.distribute.MirroredStrategy(cpus)
+    if cfg.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy(_checked(cfg.devices) if cfg.devices else None)
+    if cfg.strategy == "one_device":
+        device = _checked(cfg.devices)[0] if cfg.devices else ("/gpu:0" if gpus else "/cpu:0")
+        return tf.distribute.OneDeviceStrategy(device)
+    if gpus:  # auto: every GPU there is
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _checked(devices: list[str]) -> list[str]:
+    known = {d.name.lower() for d in tf.config.list_logical_devices()}
+    for device in devices:
+        spec = tf.DeviceSpec.from_string(device)
+        name = f"/job:localhost/replica:0/task:0/device:{(spec.device_type or '').upper()}:{spec.device_index or 0}"
+        if name.lower() not in known:
+            raise PipelineError(f"train.devices: {device!r} does not exist here (devices: "
+                                f"{', '.join(sorted(known))}): name existing devices")
+    return devices
+
+
+def strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
+    extended = strategy.extended
+    devices = getattr(extended, "worker_devices", None)
+    if devices:
+        return list(devices)
+    return [d.name for d in tf.config.list_logical_devices("CPU")[:1]]
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    return type(strategy).__name__
+
+
+@dataclass
+class HardwareProbe:
+    """What the precision choice looks at. Tests inject their own."""
+
+    cpu_flags: set[str] = field(default_factory=set)
+    gpu_compute_capabilities: list[tuple[int, int]] = field(default_factory=list)
+
+
+def probe_hardware() -> HardwareProbe:
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        if details.get("compute_capability"):
+            capabilities.append(tuple(details["compute_capability"]))
+    return HardwareProbe(flags, capabilities)
+
+
+def resolve_precision(requested: str, probe: HardwareProbe | None = None) -> tuple[str, str]:
+    """(Keras dtype policy, why). `auto`: bf16 where the hardware computes it natively, fp16 on older
+    tensor-core GPUs, else float32."""
+    if requested != "auto":
+        return requested, f"train.precision={requested} set in config"
+    probe = probe or probe_hardware()
+    if probe.gpu_compute_capabilities:
+        lowest = min(probe.gpu_compute_capabilities)
+        if lowest >= (8, 0):
+            return "mixed_bfloat16", f"auto: GPUs of compute capability {lowest[0]}.{lowest[1]} (>= 8.0) have bf16 tensor cores"
+        if lowest >= (7, 0):
+            return "mixed_float16", f"auto: GPUs of compute capability {lowest[0]}.{lowest[1]} have fp16 tensor cores, not bf16"
+        return "float32", f"auto: GPUs of compute capability {lowest[0]}.{lowest[1]} (< 7.0) have no tensor cores"
+    native = sorted(probe.cpu_flags & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return "mixed_bfloat16", f"auto: the CPU reports {', '.join(native)}"
+    return "float32", "auto: no bf16 support reported by the CPU and no GPU"

