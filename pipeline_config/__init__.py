@@ -142,7 +142,7 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
     key, raw = item.split("=", 1)
@@ -240,13 +240,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if isinstance(overrides, dict):
         items = [(k.split("."), v) for k, v in overrides.items()]
     else:
-        items = [_parse_override(o) for o in overrides or []]
+        items = [parse_override(o) for o in overrides or []]
     env_root = os.environ.get("TFPIPE_ARTIFACTS")
     if env_root:  # the environment beats the files, an explicit --set beats the environment
         tree.setdefault("artifacts", {})["root"] = env_root
     for parts, value in items:
         _set_dotted(tree, parts, value)
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from None
+    if "://" not in cfg.artifacts.root:  # absolute, so deployments and subprocesses agree on one place
+        cfg.artifacts.root = os.path.abspath(os.path.expanduser(cfg.artifacts.root))
+    return cfg

@@ -68,15 +68,16 @@ def _checked(devices: list[str]) -> list[str]:
 
 
 def strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
-    extended = strategy.extended
-    devices = getattr(extended, "worker_devices", None)
-    if devices:
-        return list(devices)
-    return [d.name for d in tf.config.list_logical_devices("CPU")[:1]]
+    try:
+        return list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: whatever device TensorFlow places ops on
+        gpus = tf.config.list_logical_devices("GPU")
+        return [(gpus or tf.config.list_logical_devices("CPU"))[0].name]
 
 
 def strategy_name(strategy: tf.distribute.Strategy) -> str:
-    return type(strategy).__name__
+    name = type(strategy).__name__
+    return "default (single device)" if name.startswith("_Default") else name
 
 
 @dataclass

@@ -50,6 +50,8 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed)
     ds = ds.batch(batch_size)
+    if files is None:  # known length: Keras sizes its epochs without running out of data
+        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-dataset.counts[split] // batch_size)))
     image_shape, num_classes = dataset.image_shape, dataset.num_classes
 
     def parse(serialized):

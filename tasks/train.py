@@ -9,13 +9,11 @@ The finished model is published to `<root>/train/<fingerprint>/`.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from typing import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from pipeline_config import PipelineConfig, fingerprint
@@ -64,7 +62,8 @@ class MacroPrecisionRecall(keras.metrics.Metric):
         hits = tf.linalg.diag_part(matrix)
         totals = tf.reduce_sum(matrix, axis=0 if self.kind == "precision" else 1)
         per_class = tf.math.divide_no_nan(hits, totals)
-        present = tf.cast(tf.reduce_sum(matrix, axis=1) > 0, per_class.dtype)  # classes seen in the labels
+        # Macro average over the classes that occur in the labels or the predictions (as scikit-learn does).
+        present = tf.cast(tf.reduce_sum(matrix, axis=0) + tf.reduce_sum(matrix, axis=1) > 0, per_class.dtype)
         return tf.math.divide_no_nan(tf.reduce_sum(per_class * present), tf.reduce_sum(present))
 
     def reset_state(self):
@@ -256,7 +255,7 @@ def _fit(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch
     with strategy.scope():
         model.compile(optimizer=optimizer, loss=make_loss(tc.loss), metrics=make_metrics(tc.loss, dataset.num_classes))
     model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=start_epoch,
-              callbacks=[_EpochLog(end_epoch)], verbose=0)
+              callbacks=[_EpochLog(end_epoch)], shuffle=False, verbose=0)  # the reader shuffles
 
 
 def _custom_loop(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch) -> None:

@@ -1,0 +1,170 @@
+"""The `tfpipe` command line.
+
+`tfpipe run` runs the whole training pipeline as a Prefect flow (on Prefect's temporary local server, or on the
+server `PREFECT_API_URL` names). `ingest`, `train`, `evaluate` and `predict` run the stages directly, each
+with its upstream stages (cache hits when nothing changed). Errors a user can fix print one line and exit
+non-zero: 2 for a bad config, 1 for bad input.
+"""
+
+from __future__ import annotations
+
+import flows  # noqa: F401  (environment defaults before TensorFlow and Prefect load)
+
+import logging
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline_config import ConfigError, PipelineConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tfpipe: train, evaluate and serve Keras image classifiers with Prefect.")
+
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file merged over the default config.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: --set train.epochs=2 (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage's artifact reference as JSON on stdout.")]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"tfpipe: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _setup(config: str | None, overrides: list[str] | None) -> PipelineConfig:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    logging.getLogger("tfpipe").setLevel(logging.INFO)
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+
+
+def _guarded(fn):
+    """Run a command body; user errors become one line on stderr and an exit code, never a traceback."""
+    from tasks.errors import PipelineError
+
+    try:
+        return fn()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except PipelineError as exc:
+        _fail(f"error: {exc}", 1)
+
+
+def _emit(artifact, as_json: bool, summary: str) -> None:
+    typer.echo(artifact.to_json() if as_json else summary)
+
+
+def _ingest(cfg: PipelineConfig):
+    from tasks.devices import configure_devices
+    from tasks.ingest import ingest as run_ingest
+
+    configure_devices(cfg.train)  # before the first TensorFlow op
+    return run_ingest(cfg.data, cfg.artifacts.root)
+
+
+def _train(cfg: PipelineConfig):
+    from tasks.train import train as run_train
+
+    dataset = _ingest(cfg)
+    return dataset, run_train(cfg, dataset)
+
+
+@app.command()
+def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Read data.source and write (or verify and reuse) its TFRecord cache."""
+    cfg = _setup(config, set)
+    dataset = _guarded(lambda: _ingest(cfg))
+    counts = ", ".join(f"{k} {v}" for k, v in dataset.counts.items())
+    _emit(dataset, json_out, f"dataset {dataset.fingerprint[:12]} ({'cache hit' if dataset.cache_hit else 'written'}): "
+                             f"{counts} at {dataset.uri}")
+
+
+@app.command()
+def train(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Ingest (cached), then build and train the model; resumes an interrupted run."""
+    cfg = _setup(config, set)
+    _, model = _guarded(lambda: _train(cfg))
+    _emit(model, json_out, f"model {model.fingerprint[:12]} ({'cache hit' if model.cache_hit else 'trained'}): "
+                           f"{model.final_metrics} at {model.uri}/{model.model_path}")
+
+
+@app.command()
+def evaluate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Ingest and train (cached), then measure the model on the test split and apply the promotion gate."""
+    from tasks.evaluate import evaluate as run_evaluate
+
+    cfg = _setup(config, set)
+
+    def body():
+        dataset, model = _train(cfg)
+        return run_evaluate(cfg, dataset, model)
+
+    evaluation = _guarded(body)
+    _emit(evaluation, json_out, f"test accuracy {evaluation.metrics['accuracy']:.4f}: "
+                                f"{'blessed' if evaluation.blessed else 'NOT blessed'}; champion "
+                                f"{(evaluation.champion_after or 'none')[:12]}; report {evaluation.uri}")
+
+
+@app.command()
+def predict(model: Annotated[str, typer.Option(help="champion, a model directory, or a model fingerprint.")] = "champion",
+            input: Annotated[str, typer.Option("--input", "-i", help="Parquet file/dir, .npz with x, or cache:FINGERPRINT[/SPLIT].")] = ...,
+            output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write.")] = ...,
+            allow_unblessed: Annotated[bool, typer.Option(help="Predict with a model the gate did not bless.")] = False,
+            config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Stream batch predictions of a model over an input into a Parquet file."""
+    from tasks.predict import predict as run_predict
+
+    cfg = _setup(config, set)
+    result = _guarded(lambda: run_predict(cfg, model, input, output, allow_unblessed=allow_unblessed or None))
+    _emit(result, json_out, f"{result.rows} predictions by model {result.model_fingerprint[:12]} in {result.output}")
+
+
+@app.command()
+def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Run the whole training pipeline as a Prefect flow: ingest, train, evaluate, predict."""
+    cfg = _setup(config, set)  # a bad config fails here, before Prefect starts
+    del cfg
+    from flows.training import training_pipeline
+
+    summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set)))
+    if json_out:
+        typer.echo(summary.model_dump_json(indent=2))
+        return
+    ev, model, pred = summary.evaluation, summary.model, summary.prediction
+    typer.echo("\n".join([
+        f"test accuracy: {ev.metrics['accuracy']:.4f} (macro F1 {ev.metrics['macro_f1']:.4f})",
+        f"gate: {'BLESSED' if ev.blessed else 'NOT blessed'} ("
+        + "; ".join(f"{r.check} {r.observed:.4f} {'>=' if r.passed else '<'} {r.threshold:.4f}" for r in ev.reasons) + ")",
+        f"model: {model.uri}/{model.model_path}{' (cached)' if model.cache_hit else ''}",
+        f"champion: {ev.champion_after or 'none'}",
+        f"predictions: {pred.output} ({pred.rows} rows)" if pred else "predictions: none (no champion)",
+        f"report: {ev.uri}",
+        f"took {summary.seconds:.1f}s",
+    ]))
+
+
+def _overrides_dict(items: list[str] | None) -> dict:
+    """--set items as the flow's `overrides` parameter (dotted key -> parsed value)."""
+    from pipeline_config import parse_override
+
+    return {".".join(parts): value for parts, value in (parse_override(i) for i in items or [])}
+
+
+@app.command()
+def serve(config: ConfigOpt = None, set: SetOpt = None) -> None:
+    """Serve the scheduled training deployment (schedule.cron) and the on-demand batch-prediction deployment."""
+    cfg = _setup(config, set)
+    from flows.deployments import serve_deployments
+
+    serve_deployments(cfg, config, _overrides_dict(set))
+
+
+def main() -> None:
+    app(prog_name="tfpipe")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Deployments: scheduled training and on-demand batch prediction, served from one process (`tfpipe serve`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import serve
+
+from flows.prediction import batch_prediction
+from flows.training import training_pipeline
+from pipeline_config import PipelineConfig
+
+TRAINING_DEPLOYMENT = "scheduled-training"
+PREDICTION_DEPLOYMENT = "on-demand"
+
+
+def build_deployments(cfg: PipelineConfig, config_file: str | None, overrides: dict[str, Any]):
+    # The served runs use this process's artifact root, whatever their working directory.
+    overrides = {**overrides, "artifacts.root": cfg.artifacts.root}
+    training = training_pipeline.to_deployment(
+        name=TRAINING_DEPLOYMENT, cron=cfg.schedule.cron, parameters={"config_file": config_file, "overrides": overrides},
+        description="The whole training pipeline on the configured schedule.", tags=["tfpipe", "training"])
+    prediction = batch_prediction.to_deployment(
+        name=PREDICTION_DEPLOYMENT, parameters={"config_file": config_file, "overrides": overrides},
+        description="Batch prediction on demand: pass model, input and output.", tags=["tfpipe", "prediction"])
+    if cfg.schedule.timezone != "UTC":
+        for schedule in training.schedules or []:
+            schedule.schedule.timezone = cfg.schedule.timezone
+    return training, prediction
+
+
+def serve_deployments(cfg: PipelineConfig, config_file: str | None, overrides: dict[str, Any]) -> None:
+    serve(*build_deployments(cfg, config_file, overrides), limit=1)

@@ -1,0 +1,145 @@
+"""Thin Prefect task wrappers over the plain stage functions in `tasks/`, plus what they show in the dashboard.
+
+Tasks pass small artifact references, never TF objects. Prefect's own input hashing is off (NO_CACHE): each
+stage is content-addressed in the artifact store, and a stage that finds its output already published returns
+a `Cached` state, so a re-run shows the skipped stages as Cached in the UI and in the API.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
+
+from pipeline_config import PipelineConfig, fingerprint
+from tasks import evaluate as evaluate_stage
+from tasks import ingest as ingest_stage
+from tasks import predict as predict_stage
+from tasks import train as train_stage
+from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, find_published,
+                             join, publish)
+
+
+def resolved(value):
+    """A stage's result: tasks that reused their output return a Cached state, whose data is the artifact."""
+    return value.result() if isinstance(value, State) else value
+
+
+def _finish(artifact, what: str):
+    """A Cached state for a stage that reused its published output, else the plain return value."""
+    if artifact.cache_hit:
+        get_run_logger().info("%s skipped: output already published at %s", what, artifact.uri)
+        return Completed(name="Cached", message=f"{what} reused {artifact.uri}", data=artifact)
+    return artifact
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def ingest_task(cfg: PipelineConfig) -> DatasetArtifact:
+    """Source -> verified TFRecord cache. Retried: reading a source is I/O that can fail transiently."""
+    dataset = ingest_stage.ingest(cfg.data, cfg.artifacts.root)
+    return _finish(dataset, "ingest")
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(cfg: PipelineConfig, dataset: DatasetArtifact) -> ModelArtifact:
+    """Train under the configured strategy. Not retried here: an interrupted run resumes on the next flow run."""
+    logger = get_run_logger()
+    progress_id = create_progress_artifact(progress=0.0, key="training-progress",
+                                           description=f"epochs of train.epochs={cfg.train.epochs}")
+
+    def on_epoch(record: dict) -> None:
+        logger.info("epoch %d/%d done: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f",
+                    record["epoch"], record["epochs"], record["loss"], record["accuracy"],
+                    record.get("val_loss", float("nan")), record.get("val_accuracy", float("nan")))
+        update_progress_artifact(artifact_id=progress_id, progress=100.0 * record["epoch"] / record["epochs"])
+
+    model = train_stage.train(cfg, dataset, on_epoch=on_epoch)
+    update_progress_artifact(artifact_id=progress_id, progress=100.0)
+    return _finish(model, "train")
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact) -> EvaluationArtifact:
+    """Test-split metrics and the promotion gate; publishes metric and confusion-matrix tables."""
+    evaluation = evaluate_stage.evaluate(cfg, dataset, model)
+    metrics = evaluation.metrics
+    create_table_artifact(key="evaluation-metrics", description="test-split metrics and gate checks", table=[
+        {"metric": k, "value": round(metrics[k], 6)} for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1")
+    ] + [{"metric": f"gate {r.check} ({r.metric} >= {r.threshold:.4f})", "value": "pass" if r.passed else "FAIL"}
+         for r in evaluation.reasons])
+    names = dataset.label_names or [str(i) for i in range(len(metrics["confusion_matrix"]))]
+    create_table_artifact(key="confusion-matrix", description="rows: true class, columns: predicted class", table=[
+        {"true": names[i], **{names[j]: v for j, v in enumerate(row)}} for i, row in enumerate(metrics["confusion_matrix"])
+    ])
+    return evaluation
+
+
+@task(name="predict", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def predict_task(cfg: PipelineConfig, dataset: DatasetArtifact, evaluation: EvaluationArtifact) -> PredictionArtifact | None:
+    """Batch predictions from the champion on `predict.input` (default: the test split) into the store."""
+    champion = evaluation.champion_after
+    if champion is None:
+        get_run_logger().warning("no champion: the gate blessed no model yet, so no batch predictions were made")
+        return None
+    input_ref = cfg.predict.input or f"cache:{dataset.fingerprint}/test"
+    input_hash = dataset.fingerprint if cfg.predict.input is None else predict_stage.input_hash(input_ref)
+    fp = fingerprint({"model": champion, "input": input_hash, "predict": cfg.predict.model_dump(mode="json"),
+                      "image_column": cfg.data.image_column})
+    root = cfg.artifacts.root
+    final = join(root, "predict", fp, "predictions.parquet")
+    manifest = find_published(root, "predict", fp)
+    if manifest is None:
+        def write(tmp: str) -> dict:
+            artifact = predict_stage.predict(cfg, champion, input_ref, join(tmp, "predictions.parquet"),
+                                             allow_unblessed=False)
+            return {**artifact.model_dump(), "output": final}
+
+        manifest = publish(root, "predict", fp, write)
+        return PredictionArtifact(**{k: manifest[k] for k in PredictionArtifact.model_fields})
+    get_run_logger().info("predict skipped: predictions already published at %s", final)
+    artifact = PredictionArtifact(**{k: manifest[k] for k in PredictionArtifact.model_fields})
+    return Completed(name="Cached", message=f"predict reused {final}", data=artifact)
+
+
+def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: EvaluationArtifact,
+                    prediction: PredictionArtifact | None) -> str:
+    m = evaluation.metrics
+    last = model.final_metrics
+    lines = [
+        "# tfpipe training run",
+        "## Data",
+        f"- source: `{dataset.source}`; fingerprint `{dataset.fingerprint[:12]}`{' (cache hit)' if dataset.cache_hit else ''}",
+        f"- images {dataset.image_shape}, {dataset.num_classes} classes; "
+        + ", ".join(f"{split} {count}" for split, count in dataset.counts.items()),
+        "## Model",
+        f"- fingerprint `{model.fingerprint[:12]}`{' (cache hit)' if model.cache_hit else ''}; mode `{model.mode}`, "
+        f"loss `{model.loss}`, {model.epochs} epochs",
+        f"- {model.strategy} over {model.replicas} replica(s), global batch {model.global_batch_size} "
+        f"({model.per_replica_batch_size} per replica), precision `{model.precision}` ({model.precision_reason})",
+        f"- last epoch: accuracy {last.get('accuracy', float('nan')):.4f}, val_accuracy {last.get('val_accuracy', float('nan')):.4f}",
+        "## Test metrics",
+        "| metric | value |", "| --- | --- |",
+        *[f"| {k} | {m[k]:.4f} |" for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1")],
+        "## Promotion gate",
+        f"**{'BLESSED' if evaluation.blessed else 'NOT BLESSED'}**; champion now `{(evaluation.champion_after or 'none')[:12]}`",
+        "| check | metric | observed | threshold | result |", "| --- | --- | --- | --- | --- |",
+        *[f"| {r.check} | {r.metric} | {r.observed:.4f} | {r.threshold:.4f} | {'pass' if r.passed else 'FAIL'} |"
+          for r in evaluation.reasons],
+        "## Artifacts",
+        f"- dataset: `{dataset.uri}`",
+        f"- model: `{join(model.uri, model.model_path)}` (SavedModel `{join(model.uri, model.saved_model_path)}`)",
+        f"- evaluation: `{evaluation.uri}` (metrics.json, confusion_matrix.png, training_curves.png)",
+        f"- predictions: `{prediction.output}` ({prediction.rows} rows)" if prediction else "- predictions: none (no champion)",
+    ]
+    return "\n".join(lines)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(dataset: DatasetArtifact, model: ModelArtifact, evaluation: EvaluationArtifact,
+                prediction: PredictionArtifact | None) -> str:
+    """The run report on the Artifacts page."""
+    markdown = report_markdown(dataset, model, evaluation, prediction)
+    create_markdown_artifact(markdown=markdown, key="training-report", description="tfpipe training run report")
+    return markdown

@@ -1,0 +1,43 @@
+"""The training pipeline: ingest -> train -> evaluate (gate) -> batch predict, each stage a Prefect task."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel
+
+from flows.stages import evaluate_task, ingest_task, predict_task, report_task, resolved, train_task
+from pipeline_config import load_config
+from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact
+from tasks.devices import configure_devices
+
+
+class RunSummary(BaseModel):
+    dataset: DatasetArtifact
+    model: ModelArtifact
+    evaluation: EvaluationArtifact
+    prediction: PredictionArtifact | None
+    seconds: float
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] | None = None) -> RunSummary:
+    started = time.perf_counter()
+    cfg = load_config(config_file, overrides)
+    configure_devices(cfg.train)  # before the first TensorFlow op of this process
+
+    # 1. ingest: the source becomes a verified, content-addressed TFRecord cache.
+    dataset = ingest_task(cfg)
+    # 2-3. model + train: build the configured CNN and train it under the distribution strategy.
+    model = train_task(cfg, dataset)
+    # 4. evaluate: test-split metrics and the promotion gate; a blessed model becomes the champion.
+    evaluation = evaluate_task(cfg, dataset, model)
+    # 5. predict: batch predictions from the champion, streamed to Parquet.
+    prediction = predict_task(cfg, dataset, evaluation)
+    # The run report on the dashboard's Artifacts page.
+    report_task(dataset, model, evaluation, prediction)
+
+    return RunSummary(dataset=resolved(dataset), model=resolved(model), evaluation=evaluation,
+                      prediction=resolved(prediction), seconds=time.perf_counter() - started)

@@ -1,0 +1,238 @@
+"""Stage 4, evaluate: measure the model on the test split and decide whether it becomes the champion.
+
+Every metric comes from one pass of predictions and one confusion matrix, so they cannot disagree with each
+other. The gate checks absolute thresholds and, when there is a champion, that the challenger is at most
+`max_regression` less accurate than the champion on the same test split. A blessed model becomes the
+champion: `<root>/champion.json` is replaced atomically and keeps the previous champions in its history.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from pipeline_config import EvaluateConfig, PipelineConfig, fingerprint
+from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, ModelArtifact, find_published, join,
+                             publish, read_json, write_json_atomic)
+from tasks.errors import PipelineError
+
+log = logging.getLogger("tfpipe.evaluate")
+
+EVAL_CODE_VERSION = "1"
+STAGE = "evaluate"
+CHAMPION_FILE = "champion.json"
+EPSILON = 1e-7  # the clip Keras applies to probabilities in its crossentropy losses
+
+
+def check_compatible(model, dataset: DatasetArtifact, what: str = "model") -> None:
+    """The model must take the dataset's image shape and predict its number of classes."""
+    expected = list(model.input_shape[1:])
+    if expected != list(dataset.image_shape):
+        raise PipelineError(f"{what} expects images of shape {expected} but the dataset {dataset.fingerprint[:12]} has "
+                            f"{dataset.image_shape}: evaluate on data of the shape it was trained on")
+    units = model.output_shape[-1]
+    classes = 2 if units == 1 else units
+    if classes != dataset.num_classes:
+        raise PipelineError(f"{what} predicts {classes} classes but the dataset {dataset.fingerprint[:12]} has "
+                            f"{dataset.num_classes}: evaluate on data with the same classes")
+
+
+def predict_split(model, dataset: DatasetArtifact, split: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities [n, classes], labels [n]) over one split, in stored order."""
+    import tensorflow as tf
+
+    from tasks.reader import make_dataset
+
+    ds = make_dataset(dataset, split, batch_size, label_mode="sparse")
+    forward = tf.function(lambda x: model(x, training=False))
+    probs, labels = [], []
+    for images, y in ds:
+        probs.append(forward(images).numpy())
+        labels.append(y.numpy())
+    p = np.concatenate(probs).astype(np.float64)
+    if p.shape[1] == 1:  # a single sigmoid unit: P(class 1)
+        p = np.concatenate([1.0 - p, p], axis=1)
+    return p, np.concatenate(labels)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, label_names: list[str] | None = None) -> dict:
+    """Loss, accuracy, macro and per-class precision / recall / F1 and the confusion matrix, from predictions."""
+    num_classes = probs.shape[1]
+    predicted = probs.argmax(axis=1)
+    matrix = np.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    hits = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted_count = matrix.sum(axis=0)
+    precision = np.divide(hits, predicted_count, out=np.zeros(num_classes), where=predicted_count > 0)
+    recall = np.divide(hits, support, out=np.zeros(num_classes), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros(num_classes), where=both > 0)
+    present = (support + predicted_count) > 0  # macro over classes seen in labels or predictions
+    true_probs = np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0)
+    names = label_names or [str(i) for i in range(num_classes)]
+    return {
+        "count": int(len(labels)),
+        "loss": float(-np.log(true_probs).mean()),
+        "accuracy": float(hits.sum() / max(len(labels), 1)),
+        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": [{"class": i, "name": names[i], "precision": float(precision[i]), "recall": float(recall[i]),
+                       "f1": float(f1[i]), "support": int(support[i])} for i in range(num_classes)],
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def read_champion(root: str) -> dict | None:
+    import tensorflow as tf
+
+    path = join(root, CHAMPION_FILE)
+    return read_json(path) if tf.io.gfile.exists(path) else None
+
+
+def blessed_models(root: str) -> set[str]:
+    """Fingerprints of every model the gate ever blessed (the champion and those it replaced)."""
+    champion = read_champion(root) or {}
+    entries = ([champion["current"]] if champion.get("current") else []) + champion.get("history", [])
+    return {e["model_fingerprint"] for e in entries}
+
+
+def promote(root: str, entry: dict) -> None:
+    champion = read_champion(root) or {"current": None, "history": []}
+    current = champion.get("current")
+    if current and current["model_fingerprint"] == entry["model_fingerprint"]:
+        return
+    history = ([current] if current else []) + champion.get("history", [])
+    write_json_atomic(join(root, CHAMPION_FILE), {"current": entry, "history": history})
+
+
+def gate(metrics: dict, cfg: EvaluateConfig, champion_accuracy: float | None) -> tuple[bool, list[GateReason]]:
+    reasons = [
+        GateReason(check="min_accuracy", metric="accuracy", threshold=cfg.min_accuracy, observed=metrics["accuracy"],
+                   passed=metrics["accuracy"] >= cfg.min_accuracy),
+        GateReason(check="min_macro_f1", metric="macro_f1", threshold=cfg.min_macro_f1, observed=metrics["macro_f1"],
+                   passed=metrics["macro_f1"] >= cfg.min_macro_f1),
+    ]
+    if champion_accuracy is not None:
+        floor = champion_accuracy - cfg.max_regression
+        reasons.append(GateReason(check="max_regression", metric="accuracy", threshold=floor,
+                                  observed=metrics["accuracy"], passed=metrics["accuracy"] >= floor - 1e-12))
+    return all(r.passed for r in reasons), reasons
+
+
+def _champion_accuracy(root: str, champion: dict | None, dataset: DatasetArtifact, batch_size: int,
+                       model_fp: str) -> tuple[float | None, str]:
+    """The champion's accuracy on this test split: recorded when it was measured on it, else measured now."""
+    if not champion or not champion.get("current"):
+        return None, "no champion yet: thresholds only"
+    current = champion["current"]
+    if current["model_fingerprint"] == model_fp:
+        return current["accuracy"] if current["dataset_fingerprint"] == dataset.fingerprint else None, "model is the champion"
+    if current["dataset_fingerprint"] == dataset.fingerprint:
+        return current["accuracy"], f"champion {current['model_fingerprint'][:12]}"
+    from tasks.train import load_model
+
+    champion_model = load_model(join(current["model_uri"], "model.keras"))
+    try:
+        check_compatible(champion_model, dataset, "champion")
+    except PipelineError as exc:
+        log.warning("champion cannot be compared on this test split (%s): thresholds only", exc)
+        return None, "champion not comparable on this data: thresholds only"
+    probs, labels = predict_split(champion_model, dataset, "test", batch_size)
+    return float((probs.argmax(1) == labels).mean()), f"champion {current['model_fingerprint'][:12]} re-measured"
+
+
+def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.6 * len(names)))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > m.max() / 2 else "black")
+    ax.set_title("confusion matrix (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training_curves(history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [h.get(metric) for h in history], marker="o", label="train")
+        ax.plot(epochs, [h.get(f"val_{metric}") for h in history], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: ModelArtifact) -> EvaluationArtifact:
+    """Metrics on the test split, the gate decision, and the champion pointer moved if blessed."""
+    from tasks.train import load_model
+
+    root, ec = cfg.artifacts.root, cfg.evaluate
+    champion = read_champion(root)
+    champion_fp = (champion or {}).get("current", {}) or {}
+    fp = fingerprint({"model": model_artifact.fingerprint, "dataset": dataset.fingerprint,
+                      "evaluate": ec.model_dump(mode="json"), "champion": champion_fp.get("model_fingerprint"),
+                      "code": EVAL_CODE_VERSION})
+    uri = join(root, STAGE, fp)
+    manifest = find_published(root, STAGE, fp)
+    cache_hit = manifest is not None
+    if not cache_hit:
+        started = time.perf_counter()
+        model = load_model(join(model_artifact.uri, model_artifact.model_path))
+        check_compatible(model, dataset)
+        probs, labels = predict_split(model, dataset, "test", ec.batch_size)
+        metrics = classification_metrics(labels, probs, dataset.label_names)
+        champion_accuracy, compared = _champion_accuracy(root, champion, dataset, ec.batch_size, model_artifact.fingerprint)
+        blessed, reasons = gate(metrics, ec, champion_accuracy)
+        history = read_json(join(model_artifact.uri, model_artifact.history_path))["epochs"]
+
+        def write(tmp: str) -> dict:
+            write_json_atomic(join(tmp, "metrics.json"), metrics)
+            names = dataset.label_names or [str(i) for i in range(len(metrics["confusion_matrix"]))]
+            plot_confusion_matrix(metrics["confusion_matrix"], names, join(tmp, "confusion_matrix.png"))
+            plot_training_curves(history, join(tmp, "training_curves.png"))
+            return {"model_fingerprint": model_artifact.fingerprint, "dataset_fingerprint": dataset.fingerprint,
+                    "metrics": metrics, "blessed": blessed, "reasons": [r.model_dump() for r in reasons],
+                    "compared_with": compared, "champion_before": champion_fp.get("model_fingerprint"),
+                    "metrics_path": "metrics.json", "plots": ["confusion_matrix.png", "training_curves.png"],
+                    "seconds": time.perf_counter() - started}
+
+        manifest = publish(root, STAGE, fp, write)
+    else:
+        log.info("evaluate cache hit: %s", uri)
+    if manifest["blessed"]:
+        promote(root, {"model_fingerprint": model_artifact.fingerprint, "model_uri": model_artifact.uri,
+                       "dataset_fingerprint": dataset.fingerprint, "accuracy": manifest["metrics"]["accuracy"],
+                       "evaluation_uri": uri, "promoted_at": time.time()})
+    after = (read_champion(root) or {}).get("current") or {}
+    decision = "blessed" if manifest["blessed"] else "NOT blessed"
+    log.info("gate: %s (%s)", decision, "; ".join(
+        f"{r['check']}: {r['metric']} {r['observed']:.4f} {'>=' if r['passed'] else '<'} {r['threshold']:.4f}"
+        for r in manifest["reasons"]))
+    return EvaluationArtifact(
+        uri=uri, fingerprint=fp, cache_hit=cache_hit, model_fingerprint=model_artifact.fingerprint,
+        dataset_fingerprint=dataset.fingerprint, metrics={k: v for k, v in manifest["metrics"].items()},
+        blessed=manifest["blessed"], reasons=[GateReason(**r) for r in manifest["reasons"]],
+        champion_before=manifest["champion_before"], champion_after=after.get("model_fingerprint"),
+        metrics_path=manifest["metrics_path"], plots=manifest["plots"])
