@@ -138,13 +138,15 @@ def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, w
             if shape is not None and list(images.shape[1:]) != shape:
                 raise PipelineError(f"{where}: decoded images are {list(images.shape[1:])}, expected {shape}: fix data.image_shape")
             return images
-        lengths = np.diff(np.asarray(column.offsets))
+        offset_type = np.int64 if pa.types.is_large_binary(kind) else np.int32
+        offsets = np.frombuffer(column.buffers()[1], offset_type)[column.offset: column.offset + n + 1]
+        lengths = np.diff(offsets)
         bad = np.flatnonzero(lengths != lengths[0])
         if bad.size:
             raise PipelineError(f"{where}: row {bad[0]} has {lengths[bad[0]]} image bytes, row 0 has {lengths[0]}: "
                                 "every image must have the same number of pixels")
         shape = _check_length(int(lengths[0]), shape, where)
-        data = np.frombuffer(column.buffers()[2], np.uint8)[column.offsets[0].as_py(): column.offsets[n].as_py()]
+        data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
         return data.reshape(n, *shape)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         values = column.flatten()

@@ -184,15 +184,22 @@ def _load_tfds(name: str, cfg: DataConfig) -> SourceData:
         raise PipelineError(f"TFDS dataset {name!r} has no {'/'.join(missing)} split: use a dataset with train and test")
     try:
         (train, test), info = tfds.load(name, split=["train", "test"], data_dir=cfg.tfds_data_dir,
-                                        download=cfg.tfds_download, as_supervised=True, batch_size=-1, with_info=True)
+                                        download=cfg.tfds_download, as_supervised=True, with_info=True)
     except Exception as exc:  # TFDS raises AssertionError, DownloadError, OSError... when data is unavailable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(f"TFDS dataset {name!r} could not be loaded ({first[:200]}): prepare it with network "
                             "access once (data.tfds_download=true) or point data.tfds_data_dir at a prepared copy") from None
     splits = {}
-    for split, (x, y) in (("train", train), ("test", test)):
-        x, y = tfds.as_numpy(x), tfds.as_numpy(y)
-        splits[split] = (check_numpy_images(np.asarray(x), f"tfds:{name} {split}"), np.asarray(y, np.int64))
+    for split, ds in (("train", train), ("test", test)):
+        if cfg.limit:
+            ds = ds.take(cfg.limit)
+        xs, ys = [], []
+        for x, y in tfds.as_numpy(ds.batch(4096)):
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise PipelineError(f"tfds:{name}: the {split} split is empty: it needs at least one example")
+        splits[split] = (check_numpy_images(np.concatenate(xs), f"tfds:{name} {split}"), np.concatenate(ys).astype(np.int64))
     label = info.features["label"] if "label" in info.features else None
     names = list(label.names) if label is not None and hasattr(label, "names") else None
     return SourceData(splits, names, f"tfds:{name} {info.version}")

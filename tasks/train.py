@@ -177,11 +177,9 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
     val_ds = make_dataset(dataset, "validation", tc.batch_size, label_mode=label_mode)
 
     work = join(root, STAGE, f".work-{fp}")
+    model, optimizer = build_for_training(cfg, dataset, strategy, precision)  # a bad model config fails here
     tf.io.gfile.makedirs(work)
     with strategy.scope():
-        model = build_model(cfg.model, dataset.image_shape, dataset.num_classes, tc.loss, precision)
-        optimizer = make_optimizer(cfg, precision)
-        optimizer.build(model.trainable_variables)
         completed = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, completed_epochs=completed)
     manager = tf.train.CheckpointManager(checkpoint, join(work, "checkpoints"), max_to_keep=2)
@@ -215,11 +213,7 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
             on_epoch({**record, "epochs": tc.epochs})
 
     started = time.perf_counter()
-    if start_epoch < tc.epochs:
-        if tc.mode == "fit":
-            _fit(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch)
-        else:
-            _custom_loop(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch)
+    run_epochs(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch)
     seconds = time.perf_counter() - started
 
     final = {k: history[-1][k] for k in history[-1] if k.split("val_")[-1] in METRIC_NAMES}
@@ -248,6 +242,26 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
     remove_tree(work)
     log.info("model published: %s", uri)
     return model_artifact(uri, manifest, cache_hit=False)
+
+
+def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
+                       precision: str) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """Model and optimizer, both created inside the strategy scope (the optimizer built, as the custom loop needs)."""
+    with strategy.scope():
+        model = build_model(cfg.model, dataset.image_shape, dataset.num_classes, cfg.train.loss, precision)
+        optimizer = make_optimizer(cfg, precision)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def run_epochs(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch) -> None:
+    """Epochs start_epoch+1 .. train.epochs in the configured style; `end_epoch` is called after each."""
+    if start_epoch >= cfg.train.epochs:
+        return
+    if cfg.train.mode == "fit":
+        _fit(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch)
+    else:
+        _custom_loop(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch)
 
 
 def _fit(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch) -> None:

@@ -1,0 +1,110 @@
+"""Shared test set-up: two logical CPU devices (before any TensorFlow op), a temp PREFECT_HOME, tiny datasets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="tfpipe-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("TFPIPE_ARTIFACTS", None)
+
+import flows  # noqa: E402,F401  (environment defaults)
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Multi-replica tests mirror over two logical CPU devices; this must happen before the first TF op.
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+from pipeline_config import PipelineConfig, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO / "data" / "mnist"
+
+
+def make_config(root: Path, *overrides: str, **kw) -> PipelineConfig:
+    return load_config(overrides=[f"artifacts.root={root}", *overrides], **kw)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`tfpipe ARGS` in a fresh process (the real entry point), capturing output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or REPO)
+
+
+def mnist_arrays(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(MNIST / f"{split}.parquet").slice(0, n)
+    x = np.frombuffer(table.column("image").combine_chunks().buffers()[1], np.uint8, count=n * 784).reshape(n, 28, 28, 1)
+    return x.copy(), table.column("label").to_numpy().astype(np.int64)
+
+
+def write_parquet_source(directory: Path, train: tuple, test: tuple, image_type: str = "fixed", metadata: dict | None = None):
+    """A parquet: source directory with train.parquet and test.parquet in one of the accepted image encodings."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, (x, y) in (("train", train), ("test", test)):
+        flat = x.reshape(len(x), int(np.prod(x.shape[1:])))
+        if image_type == "fixed":
+            images = pa.array([r.tobytes() for r in flat], pa.binary(flat.shape[1]))
+        elif image_type == "binary":
+            images = pa.array([r.tobytes() for r in flat], pa.binary())
+        elif image_type == "list":
+            images = pa.array([r.tolist() for r in flat], pa.list_(pa.uint8()))
+        else:
+            raise ValueError(image_type)
+        table = pa.table({"image": images, "label": pa.array(y, pa.int64())})
+        if metadata is not None:
+            table = table.replace_schema_metadata(metadata)
+        pq.write_table(table, directory / f"{split}.parquet")
+    return directory
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One tiny model trained once for the evaluate/predict tests: (config, dataset, model artifact)."""
+    from tasks.ingest import ingest
+    from tasks.train import train
+
+    root = tmp_path_factory.mktemp("trained") / "artifacts"
+    cfg = make_config(root, "data.limit=1200", "train.epochs=2", "train.batch_size=64", "evaluate.min_accuracy=0.5")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    model = train(cfg, dataset)
+    return cfg, dataset, model
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server (temporary SQLite database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()
+
+
+def invoke_cli(*args: str):
+    """`tfpipe ARGS` in this process (fast; the same code path as the entry point): (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr

@@ -1,0 +1,76 @@
+import pytest
+import yaml
+
+from pipeline_config import DEFAULT_CONFIG_PATH, ConfigError, fingerprint, load_config
+from tests.conftest import run_cli
+
+
+def test_default_config_reproduces_the_seed():
+    cfg = load_config()
+    assert cfg.data.source == "mnist"
+    assert cfg.model.name == "basic_cnn"
+    types = [layer.type for layer in cfg.model.layers]
+    assert types.count("Conv2D") == 4 and types.count("MaxPool2D") == 3 and types.count("Dropout") == 3
+    assert cfg.train.loss == "sparse_categorical_crossentropy" and cfg.train.optimizer.name == "adam"
+    assert cfg.artifacts.root.endswith("artifacts")
+
+
+def test_yaml_file_and_dotted_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 7, "optimizer": {"name": "sgd"}}, "data": {"shards": 2}}))
+    cfg = load_config(path, ["data.source=npz:x.npz", "train.epochs=2", "data.image_shape=[32, 32, 3]",
+                             "train.optimizer.learning_rate=0.01"])
+    assert cfg.train.epochs == 2  # --set beats the file
+    assert cfg.train.optimizer.name == "sgd" and cfg.train.optimizer.learning_rate == 0.01
+    assert cfg.train.optimizer.momentum == 0.9  # merged, not replaced
+    assert cfg.data.shards == 2 and cfg.data.source == "npz:x.npz" and cfg.data.image_shape == [32, 32, 3]
+
+
+def test_artifacts_root_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFPIPE_ARTIFACTS", str(tmp_path / "env-root"))
+    assert load_config().artifacts.root == str(tmp_path / "env-root")
+    assert load_config(overrides=[f"artifacts.root={tmp_path}/cli"]).artifacts.root == f"{tmp_path}/cli"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epoch=2", "train.epoch"),
+    ("train.epochs=two", "train.epochs"),
+    ("data.source=s3:bucket", "data.source"),
+    ("bogus.key=1", "bogus"),
+    ("train.optimizer.name=adagrad", "train.optimizer.name"),
+    ("data.validation_fraction=1.5", "data.validation_fraction"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epocs: unknown key \(did you mean epochs\?\)"):
+        load_config(path)
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a, b = load_config(), load_config()
+    assert fingerprint(a.data) == fingerprint(b.data)
+    assert fingerprint({"x": 1, "y": [1, 2]}) == fingerprint({"y": [1, 2], "x": 1})
+    assert fingerprint(a.data) != fingerprint(load_config(overrides=["data.seed=7"]).data)
+    assert len(fingerprint(a.train)) == 64
+
+
+def test_default_yaml_is_valid_yaml():
+    assert set(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())) == {
+        "data", "model", "train", "evaluate", "predict", "artifacts", "schedule"}
+
+
+def test_cli_rejects_bad_config_with_exit_2_before_any_work(tmp_path):
+    result = run_cli("ingest", "--set", "train.epoch=2", "--set", f"artifacts.root={tmp_path}/a")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["tfpipe: config error: train.epoch: unknown key (did you mean epochs?)"]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "a").exists()

@@ -1,0 +1,233 @@
+import io
+import re
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from pipeline_config import load_config
+from tasks.errors import PipelineError
+from tasks.ingest import ingest
+from tasks.reader import decode_batch, make_dataset, shard_paths
+from tests.conftest import invoke_cli, make_config, mnist_arrays, write_parquet_source
+
+
+def read_split(dataset, split):
+    """Every record of a split through TensorFlow: (images, labels) in stored order."""
+    raw = tf.data.TFRecordDataset(shard_paths(dataset, split)).batch(100000)
+    images, labels = [], []
+    for serialized in raw:
+        x, y = decode_batch(serialized, dataset.image_shape)
+        images.append(x.numpy())
+        labels.append(y.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def sorted_rows(x, y):
+    keys = [xi.tobytes() + bytes([yi]) for xi, yi in zip(x.reshape(len(x), -1), y)]
+    return sorted(keys)
+
+
+def test_embedded_mnist_round_trips_record_for_record(root):
+    cfg = make_config(root, "data.limit=1000", "data.shards=3")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    assert dataset.counts == {"train": 900, "validation": 100, "test": 1000}
+    assert dataset.image_shape == [28, 28, 1] and dataset.num_classes == 10
+    assert dataset.label_names == [str(i) for i in range(10)]
+    assert len(dataset.shards["train"]) == 3
+    x_train, y_train = mnist_arrays("train", 1000)
+    x_test, y_test = mnist_arrays("test", 1000)
+    # the test split keeps source order; train + validation are a shuffled partition of the source train rows
+    got_x, got_y = read_split(dataset, "test")
+    np.testing.assert_array_equal(got_x, x_test)
+    np.testing.assert_array_equal(got_y, y_test)
+    tx, ty = read_split(dataset, "train")
+    vx, vy = read_split(dataset, "validation")
+    assert sorted_rows(np.concatenate([tx, vx]), np.concatenate([ty, vy])) == sorted_rows(x_train, y_train)
+    manifest = json.load(open(f"{dataset.uri}/manifest.json"))
+    assert manifest["splits"]["test"]["class_histogram"] == np.bincount(y_test, minlength=10).tolist()
+    assert all(len(s["sha256"]) == 64 for s in manifest["splits"]["train"]["shards"])
+    assert sum(s["count"] for s in manifest["splits"]["train"]["shards"]) == 900
+
+
+def test_rerun_is_a_verified_cache_hit_and_corruption_is_caught(root, caplog):
+    cfg = make_config(root, "data.limit=300")
+    first = ingest(cfg.data, cfg.artifacts.root)
+    shard = f"{first.uri}/{first.shards['train'][0]}"
+    mtime = tf.io.gfile.stat(shard).mtime_nsec
+    with caplog.at_level("INFO", logger="tfpipe"):
+        second = ingest(cfg.data, cfg.artifacts.root)
+    assert second.cache_hit and not first.cache_hit and second.fingerprint == first.fingerprint
+    assert tf.io.gfile.stat(shard).mtime_nsec == mtime  # nothing rewritten
+    assert "cache hit" in caplog.text
+    with open(shard, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(PipelineError, match="fails its sha256 check"):
+        ingest(cfg.data, cfg.artifacts.root)
+
+
+def test_changed_config_or_source_gives_new_fingerprint(root, tmp_path):
+    x, y = mnist_arrays("train", 60)
+    src = write_parquet_source(tmp_path / "src", (x, y), (x[:20], y[:20]), metadata={"image_shape": "[28, 28, 1]"})
+    cfg = make_config(root, f"data.source=parquet:{src}")
+    a = ingest(cfg.data, cfg.artifacts.root)
+    b = ingest(make_config(root, f"data.source=parquet:{src}", "data.seed=1").data, cfg.artifacts.root)
+    # the reader-only shuffle buffer does not change what is written
+    c = ingest(make_config(root, f"data.source=parquet:{src}", "data.shuffle_buffer=5").data, cfg.artifacts.root)
+    assert a.fingerprint != b.fingerprint and c.fingerprint == a.fingerprint and c.cache_hit
+    write_parquet_source(src, (x[:50], y[:50]), (x[:20], y[:20]), metadata={"image_shape": "[28, 28, 1]"})
+    d = ingest(cfg.data, cfg.artifacts.root)
+    assert d.fingerprint != a.fingerprint and d.counts["train"] + d.counts["validation"] == 50
+
+
+@pytest.mark.parametrize("image_type", ["fixed", "binary", "list"])
+def test_parquet_image_encodings(root, tmp_path, image_type):
+    x, y = mnist_arrays("train", 40)
+    src = write_parquet_source(tmp_path / "src", (x, y), (x[:10], y[:10]), image_type=image_type)
+    cfg = make_config(root, f"data.source=parquet:{src}", "data.image_shape=[28, 28]")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    got_x, got_y = read_split(dataset, "test")
+    np.testing.assert_array_equal(got_x, x[:10])
+    np.testing.assert_array_equal(got_y, y[:10])
+    assert dataset.num_classes == int(y.max()) + 1 and dataset.label_names is None
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_parquet_png_huggingface_struct_and_part_directories(root, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (30, 8, 6, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 30)
+    src = tmp_path / "hf"
+    for split, rows in (("train", slice(0, 20)), ("test", slice(20, 30))):
+        (src / split).mkdir(parents=True)
+        images = pa.array([{"bytes": png_bytes(im), "path": None} for im in x[rows]],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        table = pa.table({"img": images, "y": pa.array(y[rows], pa.int32())}).replace_schema_metadata(
+            {"label_names": json.dumps(["cat", "dog", "fox"])})
+        pq.write_table(table.slice(0, 5), src / split / "part-0.parquet")
+        pq.write_table(table.slice(5), src / split / "part-1.parquet")
+    cfg = make_config(root, f"data.source=parquet:{src}", "data.image_column=img", "data.label_column=y")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    assert dataset.image_shape == [8, 6, 3] and dataset.label_names == ["cat", "dog", "fox"]
+    got_x, got_y = read_split(dataset, "test")
+    np.testing.assert_array_equal(got_x, x[20:])
+    np.testing.assert_array_equal(got_y, y[20:])
+
+
+def test_npz_source(root, tmp_path):
+    x, y = mnist_arrays("train", 50)
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=x[:40, :, :, 0], y_train=y[:40], x_test=x[40:, :, :, 0], y_test=y[40:])
+    cfg = make_config(root, f"data.source=npz:{path}")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    assert dataset.counts["test"] == 10 and dataset.image_shape == [28, 28, 1]
+    np.testing.assert_array_equal(read_split(dataset, "test")[0], x[40:])
+
+
+def test_tfds_source_with_mock_data(root):
+    cfg = make_config(root, "data.source=tfds:mnist")
+    with tfds.testing.mock_data(num_examples=12):
+        dataset = ingest(cfg.data, cfg.artifacts.root)
+    assert dataset.counts["test"] == 12 and dataset.counts["train"] + dataset.counts["validation"] == 12
+    assert dataset.image_shape == [28, 28, 1] and dataset.num_classes <= 10
+    assert dataset.label_names == [str(i) for i in range(10)]
+
+
+def test_reader_batches_scaled_floats_and_one_hot(root):
+    cfg = make_config(root, "data.limit=200")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    images, labels = next(iter(make_dataset(dataset, "train", 32, shuffle_buffer=100, seed=1, label_mode="categorical")))
+    assert images.shape == (32, 28, 28, 1) and images.dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+    assert labels.shape == (32, 10) and np.allclose(labels.numpy().sum(axis=1), 1.0)
+    total = sum(int(y.shape[0]) for _, y in make_dataset(dataset, "train", 32, shuffle_buffer=100, seed=1))
+    assert total == dataset.counts["train"]
+
+
+def assert_clean_failure(root, *overrides, match):
+    """The CLI fails with one line naming the problem, no traceback, and nothing under the artifact root."""
+    code, out, err = invoke_cli("ingest", "--set", f"artifacts.root={root}", *[a for o in overrides for a in ("--set", o)])
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tfpipe: "), err
+    assert re.search(match, lines[0]), lines[0]
+    assert "Traceback" not in err + out
+    assert not root.exists() or not any(root.rglob("*")), list(root.rglob("*"))
+
+
+def test_bad_input_missing_path(root, tmp_path):
+    assert_clean_failure(root, f"data.source=parquet:{tmp_path}/nope", match="does not exist")
+    assert_clean_failure(root, f"data.source=npz:{tmp_path}/nope.npz", match="does not exist")
+
+
+def test_bad_input_parquet_without_columns(root, tmp_path):
+    x, y = mnist_arrays("train", 20)
+    src = write_parquet_source(tmp_path / "src", (x, y), (x, y))
+    assert_clean_failure(root, f"data.source=parquet:{src}", "data.image_column=pixels", match="no column 'pixels'")
+
+
+def test_bad_input_image_bytes_do_not_match_shape(root, tmp_path):
+    x, y = mnist_arrays("train", 20)
+    src = write_parquet_source(tmp_path / "src", (x, y), (x, y), image_type="binary")
+    assert_clean_failure(root, f"data.source=parquet:{src}", "data.image_shape=[28, 27]", match="784 values but the image shape")
+    ragged = tmp_path / "ragged"
+    ragged.mkdir()
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"image": pa.array([b"\x00" * 784, b"\x00" * 700]), "label": pa.array([1, 2])}),
+                       ragged / f"{split}.parquet")
+    assert_clean_failure(root, f"data.source=parquet:{ragged}", match="row 1 has 700 image bytes")
+
+
+def test_bad_input_labels(root, tmp_path):
+    x, y = mnist_arrays("train", 20)
+    for name, labels, match in (("neg", pa.array([-1] + [0] * 19), "negative label -1"),
+                                ("float", pa.array([0.5] * 20), "expected integers")):
+        src = tmp_path / name
+        src.mkdir()
+        for split in ("train", "test"):
+            pq.write_table(pa.table({"image": pa.array([r.tobytes() for r in x.reshape(20, -1)], pa.binary(784)),
+                                     "label": labels}), src / f"{split}.parquet")
+        assert_clean_failure(root, f"data.source=parquet:{src}", match=match)
+
+
+def test_bad_input_empty_split(root, tmp_path):
+    x, y = mnist_arrays("train", 20)
+    src = write_parquet_source(tmp_path / "src", (x, y), (x[:0], y[:0]))
+    assert_clean_failure(root, f"data.source=parquet:{src}", match="test split is empty")
+
+
+def test_bad_input_npz_length_mismatch_and_object_arrays(root, tmp_path):
+    x, y = mnist_arrays("train", 20)
+    short = tmp_path / "short.npz"
+    np.savez(short, x_train=x, y_train=y[:10], x_test=x, y_test=y)
+    assert_clean_failure(root, f"data.source=npz:{short}", match="20 images but 10 labels")
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, x_train=np.array([x[0], "a"], dtype=object), y_train=y[:2], x_test=x, y_test=y)
+    assert_clean_failure(root, f"data.source=npz:{objects}", match="object arrays")
+
+
+def test_bad_input_tfds_unknown_name_and_offline(root, tmp_path):
+    assert_clean_failure(root, "data.source=tfds:no_such_dataset_xyz", match="unknown TFDS dataset 'no_such_dataset_xyz'")
+    # mnist exists in TFDS but is not prepared in an empty data dir, and downloads are off (no network here)
+    assert_clean_failure(root, "data.source=tfds:mnist", f"data.tfds_data_dir={tmp_path}/tfds",
+                         match="TFDS dataset 'mnist' could not be loaded")
+
+
+def test_cli_ingest_json_prints_dataset_artifact(root):
+    code, out, err = invoke_cli("ingest", "--set", f"artifacts.root={root}", "--set", "data.limit=100", "--json")
+    assert code == 0, err
+    artifact = json.loads(out)
+    assert artifact["counts"] == {"train": 90, "validation": 10, "test": 100} and artifact["cache_hit"] is False
+    code, out, _ = invoke_cli("ingest", "--set", f"artifacts.root={root}", "--set", "data.limit=100", "--json")
+    assert json.loads(out)["cache_hit"] is True and json.loads(out)["fingerprint"] == artifact["fingerprint"]
