@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import flows  # noqa: F401  (environment defaults before TensorFlow and Prefect load)
 
+import contextlib
 import logging
 import sys
 from typing import Annotated, Optional
@@ -41,12 +42,16 @@ def _setup(config: str | None, overrides: list[str] | None) -> PipelineConfig:
         _fail(str(exc), 2)
 
 
-def _guarded(fn):
-    """Run a command body; user errors become one line on stderr and an exit code, never a traceback."""
+def _guarded(fn, as_json: bool = False):
+    """Run a command body; user errors become one line on stderr and an exit code, never a traceback.
+
+    With --json, anything the stages print (the custom loop's epoch lines) goes to stderr: stdout is the JSON.
+    """
     from tasks.errors import PipelineError
 
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout):
+            return fn()
     except ConfigError as exc:
         _fail(str(exc), 2)
     except PipelineError as exc:
@@ -76,7 +81,7 @@ def _train(cfg: PipelineConfig):
 def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
     """Read data.source and write (or verify and reuse) its TFRecord cache."""
     cfg = _setup(config, set)
-    dataset = _guarded(lambda: _ingest(cfg))
+    dataset = _guarded(lambda: _ingest(cfg), json_out)
     counts = ", ".join(f"{k} {v}" for k, v in dataset.counts.items())
     _emit(dataset, json_out, f"dataset {dataset.fingerprint[:12]} ({'cache hit' if dataset.cache_hit else 'written'}): "
                              f"{counts} at {dataset.uri}")
@@ -86,7 +91,7 @@ def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = Fal
 def train(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
     """Ingest (cached), then build and train the model; resumes an interrupted run."""
     cfg = _setup(config, set)
-    _, model = _guarded(lambda: _train(cfg))
+    _, model = _guarded(lambda: _train(cfg), json_out)
     _emit(model, json_out, f"model {model.fingerprint[:12]} ({'cache hit' if model.cache_hit else 'trained'}): "
                            f"{model.final_metrics} at {model.uri}/{model.model_path}")
 
@@ -102,7 +107,7 @@ def evaluate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = F
         dataset, model = _train(cfg)
         return run_evaluate(cfg, dataset, model)
 
-    evaluation = _guarded(body)
+    evaluation = _guarded(body, json_out)
     _emit(evaluation, json_out, f"test accuracy {evaluation.metrics['accuracy']:.4f}: "
                                 f"{'blessed' if evaluation.blessed else 'NOT blessed'}; champion "
                                 f"{(evaluation.champion_after or 'none')[:12]}; report {evaluation.uri}")
@@ -118,7 +123,7 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
     from tasks.predict import predict as run_predict
 
     cfg = _setup(config, set)
-    result = _guarded(lambda: run_predict(cfg, model, input, output, allow_unblessed=allow_unblessed or None))
+    result = _guarded(lambda: run_predict(cfg, model, input, output, allow_unblessed=allow_unblessed or None), json_out)
     _emit(result, json_out, f"{result.rows} predictions by model {result.model_fingerprint[:12]} in {result.output}")
 
 
@@ -129,7 +134,7 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False)
     del cfg
     from flows.training import training_pipeline
 
-    summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set)))
+    summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set)), json_out)
     if json_out:
         typer.echo(summary.model_dump_json(indent=2))
         return

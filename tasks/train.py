@@ -301,11 +301,11 @@ def _custom_loop(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, sta
         for metric in test_metrics:
             metric.update_state(labels, predictions)
 
-    @tf.function
+    @tf.function(reduce_retracing=True)  # the last, smaller batch must not trigger a retrace per epoch
     def train_step(images, labels):
         strategy.run(step, args=(images, labels))
 
-    @tf.function
+    @tf.function(reduce_retracing=True)
     def test_step(images, labels):
         strategy.run(test, args=(images, labels))
 

@@ -1,0 +1,76 @@
+import keras
+import pytest
+
+from pipeline_config import ConfigError, load_config
+from tasks.model import build_model
+
+
+def seed_basic_cnn(num_classes=10):
+    """The seed's basic_cnn, written out by hand as in the study notes."""
+    inputs = keras.Input(shape=(28, 28, 1))
+    net = keras.layers.Conv2D(32, (3, 3), padding="SAME")(inputs)
+    net = keras.layers.Activation("relu")(net)
+    net = keras.layers.Conv2D(32, (3, 3), padding="SAME")(net)
+    net = keras.layers.Activation("relu")(net)
+    net = keras.layers.MaxPool2D(pool_size=(2, 2))(net)
+    net = keras.layers.Activation("relu")(net)
+    net = keras.layers.Dropout(0.5)(net)
+    net = keras.layers.Conv2D(64, (3, 3), padding="SAME")(net)
+    net = keras.layers.Activation("relu")(net)
+    net = keras.layers.MaxPool2D(pool_size=(2, 2))(net)
+    net = keras.layers.Activation("relu")(net)
+    net = keras.layers.Conv2D(128, (3, 3), padding="SAME")(net)
+    net = keras.layers.Activation("relu")(net)
+    net = keras.layers.MaxPool2D(pool_size=(2, 2))(net)
+    net = keras.layers.Activation("relu")(net)
+    net = keras.layers.Dropout(0.5)(net)
+    net = keras.layers.Flatten()(net)
+    net = keras.layers.Dense(512)(net)
+    net = keras.layers.Activation("relu")(net)
+    net = keras.layers.Dropout(0.5)(net)
+    net = keras.layers.Dense(num_classes)(net)
+    net = keras.layers.Activation("softmax")(net)
+    return keras.Model(inputs=inputs, outputs=net, name="basic_cnn")
+
+
+def describe(model):
+    return [(type(layer).__name__, tuple(layer.output.shape), layer.count_params(),
+             getattr(layer, "activation", None) and layer.activation.__name__) for layer in model.layers]
+
+
+def test_default_config_is_the_seed_basic_cnn_layer_for_layer():
+    cfg = load_config()
+    model = build_model(cfg.model, [28, 28, 1], 10, cfg.train.loss)
+    expected = seed_basic_cnn()
+    assert model.name == "basic_cnn"
+    assert describe(model) == describe(expected)
+    assert model.count_params() == expected.count_params() == 697_386  # 320 + 9248 + 18496 + 73856 + 590336 + 5130
+
+
+def test_input_shape_and_classes_come_from_the_dataset():
+    cfg = load_config()
+    model = build_model(cfg.model, [32, 32, 3], 5, cfg.train.loss)
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 5)
+
+
+def test_binary_head_is_one_sigmoid_unit_and_needs_two_classes():
+    cfg = load_config()
+    model = build_model(cfg.model, [28, 28, 1], 2, "binary_crossentropy")
+    assert model.output_shape == (None, 1) and model.layers[-1].activation.__name__ == "sigmoid"
+    with pytest.raises(ConfigError, match="binary_crossentropy needs exactly 2 classes, the dataset has 10"):
+        build_model(cfg.model, [28, 28, 1], 10, "binary_crossentropy")
+
+
+@pytest.mark.parametrize("layers, match", [
+    ("[{type: Conv2D, filters: 8, kernel_size: 3}, {type: Conv3X}]", r"model\.layers\[1\] \(Conv3X\): unknown layer type"),
+    ("[{type: Conv2D, filters: 8, kernel_size: 3, pading: same}, {type: Flatten}]", r"model\.layers\[0\] \(Conv2D\).*pading"),
+    ("[{type: Dense, units: -3}]", r"model\.layers\[0\] \(Dense\)"),
+    ("[{type: MaxPool2D, pool_size: 2}, {type: MaxPool2D, pool_size: 2}, {type: MaxPool2D, pool_size: 2},"
+     " {type: MaxPool2D, pool_size: 2}, {type: MaxPool2D, pool_size: 2}, {type: Flatten}]", r"model\.layers\[\d\] \(MaxPool2D\)"),
+    ("[{type: Conv2D, filters: 8, kernel_size: 3}]", r"needs a flat vector"),
+])
+def test_bad_model_configs_fail_naming_the_layer(layers, match):
+    cfg = load_config(overrides=[f"model.layers={layers}"])
+    with pytest.raises(ConfigError, match=match) as info:
+        build_model(cfg.model, [28, 28, 1], 10, cfg.train.loss)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,154 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tasks.devices import make_strategy
+from tasks.ingest import ingest
+from tasks.reader import make_dataset
+from tasks.train import LABEL_MODES, build_for_training, load_model, make_loss, run_epochs, train
+from tests.conftest import REPO, invoke_cli, make_config, mnist_arrays, write_parquet_source
+
+
+def replica_values(variable):
+    """The per-replica copies of a (Keras-wrapped) mirrored variable."""
+    inner = getattr(variable, "value", variable)
+    return [v.numpy() for v in getattr(inner, "values", (inner,))]
+
+
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_two_replicas_reduce_the_loss_and_stay_identical(root, mode, capsys):
+    cfg = make_config(root, "data.limit=1280", "train.cpu_replicas=2", "train.batch_size=64", "train.epochs=2",
+                      f"train.mode={mode}", "train.precision=float32", "train.optimizer.learning_rate=0.003")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    strategy = make_strategy(cfg.train)
+    assert strategy.num_replicas_in_sync == 2
+    model, optimizer = build_for_training(cfg, dataset, strategy, "float32")
+    x, y = next(iter(make_dataset(dataset, "train", 256)))
+    loss = make_loss(cfg.train.loss)
+    before = float(loss(y, model(x, training=False)))
+    records = []
+    train_ds = make_dataset(dataset, "train", 64, shuffle_buffer=1000, seed=1)
+    val_ds = make_dataset(dataset, "validation", 64)
+    run_epochs(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, 0,
+               lambda epoch, logs, train_s, wall_s: records.append((epoch, logs)))
+    after = float(loss(y, model(x, training=False)))
+    assert after < before * 0.85, (before, after)
+    assert [e for e, _ in records] == [0, 1]
+    assert set(records[-1][1]) >= {"loss", "accuracy", "precision", "recall", "val_loss", "val_accuracy",
+                                   "val_precision", "val_recall"}
+    for variable in model.trainable_variables:
+        copies = replica_values(variable)
+        assert len(copies) == 2
+        np.testing.assert_array_equal(copies[0], copies[1])
+    if mode == "custom":
+        lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Epoch ")]
+        assert len(lines) == 2 and "Loss: " in lines[0] and "Test Accuracy: " in lines[0]
+
+
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_train_stage_publishes_a_model_artifact_under_two_replicas(root, mode):
+    cfg = make_config(root, "data.limit=400", "train.cpu_replicas=2", "train.batch_size=32", "train.epochs=1",
+                      f"train.mode={mode}")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    seen = []
+    artifact = train(cfg, dataset, on_epoch=seen.append)
+    assert artifact.replicas == 2 and artifact.per_replica_batch_size == 16 and artifact.mode == mode
+    assert len(artifact.devices) == 2 and artifact.dataset_fingerprint == dataset.fingerprint
+    assert [r["epoch"] for r in seen] == [1]
+    history = json.load(open(f"{artifact.uri}/history.json"))
+    assert [h["epoch"] for h in history["epochs"]] == [1] and history["epochs"][0]["images_per_second"] > 0
+    assert history["precision"] == artifact.precision and history["replicas"] == 2
+    assert os.path.isdir(f"{artifact.uri}/tensorboard") and os.listdir(f"{artifact.uri}/tensorboard")
+    assert os.path.exists(f"{artifact.uri}/saved_model/saved_model.pb")
+    model = load_model(f"{artifact.uri}/model.keras")
+    assert model.predict(np.zeros((2, 28, 28, 1), np.float32), verbose=0).shape == (2, 10)
+    again = train(cfg, dataset)
+    assert again.cache_hit and again.fingerprint == artifact.fingerprint
+    assert not [p for p in os.listdir(f"{root}/train") if p.startswith(".")]  # no work or temp dirs left
+
+
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_categorical_and_binary_losses_train(root, tmp_path, mode):
+    cfg = make_config(root, "data.limit=300", "train.loss=categorical_crossentropy", "train.epochs=1",
+                      "train.batch_size=50", f"train.mode={mode}", "train.optimizer.name=sgd")
+    artifact = train(cfg, ingest(cfg.data, cfg.artifacts.root))
+    assert np.isfinite(artifact.final_metrics["loss"]) and artifact.loss == "categorical_crossentropy"
+
+    x, y = mnist_arrays("train", 1000)
+    keep = y < 2
+    src = write_parquet_source(tmp_path / "binary", (x[keep][:200], y[keep][:200]), (x[keep][200:], y[keep][200:]),
+                               metadata={"image_shape": "[28, 28, 1]"})
+    cfg = make_config(root, f"data.source=parquet:{src}", "train.loss=binary_crossentropy", "train.epochs=2",
+                      "train.batch_size=20", f"train.mode={mode}", "train.optimizer.name=rmsprop")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    assert dataset.num_classes == 2
+    artifact = train(cfg, dataset)
+    assert artifact.final_metrics["val_accuracy"] > 0.8  # 0 vs 1 is easy
+    assert load_model(f"{artifact.uri}/model.keras").output_shape == (None, 1)
+
+
+def test_deterministic_runs_give_identical_weights(tmp_path):
+    weights = []
+    for run in ("a", "b"):
+        cfg = make_config(tmp_path / run, "data.limit=300", "train.epochs=1", "train.batch_size=32",
+                          "train.deterministic=true", "train.cpu_replicas=2")
+        artifact = train(cfg, ingest(cfg.data, cfg.artifacts.root))
+        weights.append(load_model(f"{artifact.uri}/model.keras").get_weights())
+    assert len(weights[0]) == len(weights[1])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_killed_training_resumes_from_the_last_completed_epoch(root):
+    args = ["train", "--set", f"artifacts.root={root}", "--set", "data.limit=3000", "--set", "train.epochs=3",
+            "--set", "train.batch_size=64", "--set", "train.precision=float32", "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        index = None
+        while time.time() < deadline and proc.poll() is None:
+            found = list((root / "train").glob(".work-*/checkpoints/checkpoint")) if (root / "train").exists() else []
+            if found:
+                index = found[0]
+                break
+            time.sleep(0.05)
+        assert index is not None, proc.communicate()[1][-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # a real crash: no chance to clean up
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not [p for p in (root / "train").iterdir() if not p.name.startswith(".")]  # nothing published
+    code, out, err = invoke_cli(*args)
+    assert code == 0, err
+    artifact = json.loads(out)
+    assert 1 <= artifact["resumed_from_epoch"] < 3
+    history = json.load(open(f"{artifact['uri']}/history.json"))
+    assert [h["epoch"] for h in history["epochs"]] == [1, 2, 3]
+    assert history["resumed_from_epoch"] == artifact["resumed_from_epoch"]
+
+
+def test_cli_train_with_two_cpu_replicas(root):
+    code, out, err = invoke_cli("train", "--set", f"artifacts.root={root}", "--set", "data.limit=200",
+                                "--set", "train.cpu_replicas=2", "--set", "train.epochs=1", "--set", "train.mode=custom",
+                                "--json")
+    assert code == 0, err
+    artifact = json.loads(out)
+    assert artifact["replicas"] == 2 and artifact["epochs"] == 1
+    assert load_model(f"{artifact['uri']}/model.keras").input_shape == (None, 28, 28, 1)
+
+
+def test_batch_size_must_split_over_replicas(root):
+    code, _, err = invoke_cli("train", "--set", f"artifacts.root={root}", "--set", "data.limit=50",
+                              "--set", "train.cpu_replicas=2", "--set", "train.batch_size=33")
+    assert code == 1 and "does not split evenly over 2 replicas" in err and "Traceback" not in err
