@@ -8,12 +8,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.stages import retry_transient
 from pipeline_config import load_config
 from tasks import predict as predict_stage
 from tasks.artifacts import PredictionArtifact
 
 
-@task(name="predict", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def batch_predict_task(config_file: str | None, overrides: dict[str, Any] | None, model: str, input: str,
                        output: str, allow_unblessed: bool) -> PredictionArtifact:
     cfg = load_config(config_file, overrides)

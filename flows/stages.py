@@ -13,11 +13,12 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from pipeline_config import PipelineConfig, fingerprint
+from pipeline_config import ConfigError, PipelineConfig, fingerprint
 from tasks import evaluate as evaluate_stage
 from tasks import ingest as ingest_stage
 from tasks import predict as predict_stage
 from tasks import train as train_stage
+from tasks.errors import PipelineError
 from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, find_published,
                              join, publish)
 
@@ -25,6 +26,17 @@ from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, ModelArtifact,
 def resolved(value):
     """A stage's result: tasks that reused their output return a Cached state, whose data is the artifact."""
     return value.result() if isinstance(value, State) else value
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups, not bad input or bad config: those fail the same way every time."""
+    try:
+        state.result()
+    except (PipelineError, ConfigError):
+        return False
+    except Exception:
+        return True
+    return False
 
 
 def _finish(artifact, what: str):
@@ -35,7 +47,7 @@ def _finish(artifact, what: str):
     return artifact
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def ingest_task(cfg: PipelineConfig) -> DatasetArtifact:
     """Source -> verified TFRecord cache. Retried: reading a source is I/O that can fail transiently."""
     dataset = ingest_stage.ingest(cfg.data, cfg.artifacts.root)
@@ -76,7 +88,7 @@ def evaluate_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArt
     return evaluation
 
 
-@task(name="predict", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def predict_task(cfg: PipelineConfig, dataset: DatasetArtifact, evaluation: EvaluationArtifact) -> PredictionArtifact | None:
     """Batch predictions from the champion on `predict.input` (default: the test split) into the store."""
     champion = evaluation.champion_after

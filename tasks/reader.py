@@ -45,10 +45,13 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
     ds = tf.data.Dataset.from_tensor_slices(paths)
     if shuffle_buffer:
         ds = ds.shuffle(len(paths), seed=seed)
-    # Sequential interleave: on local disks parallel reads cost throughput; the parse below is the hot part.
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=max(1, len(paths)), block_length=16)
     if shuffle_buffer:
+        # Interleave the shards so the shuffle buffer mixes records of every file. Not parallel: on local
+        # disks parallel reads cost throughput, and the batched parse below is the hot part.
+        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=max(1, len(paths)), block_length=16)
         ds = ds.shuffle(shuffle_buffer, seed=seed)
+    else:  # stored order, shard after shard (evaluation and prediction line up with the source rows)
+        ds = ds.flat_map(tf.data.TFRecordDataset)
     ds = ds.batch(batch_size)
     if files is None:  # known length: Keras sizes its epochs without running out of data
         ds = ds.apply(tf.data.experimental.assert_cardinality(-(-dataset.counts[split] // batch_size)))

@@ -1,0 +1,138 @@
+"""The Prefect flows and deployments against a real Prefect server (one per test session)."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter, LogFilter,
+                                            LogFilterFlowRunId)
+
+from flows.training import training_pipeline
+from tests.conftest import MNIST, REPO
+
+TINY = {"data.limit": 300, "train.epochs": 1, "train.batch_size": 50, "evaluate.min_accuracy": 0.05}
+
+
+def api(coro_fn):
+    async def run():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    return asyncio.run(run())
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    runs = api(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]})))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def flow_logs(flow_run_id, expect: str = "") -> str:
+    """The run's logs as the API has them (the log handler ships them in batches: wait for `expect`)."""
+    deadline = time.time() + 20
+    while True:
+        logs = api(lambda c: c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+        text = "\n".join(log.message for log in logs)
+        if expect in text or time.time() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def test_training_flow_completes_reports_and_skips_cached_stages(prefect_server, tmp_path):
+    overrides = {**TINY, "artifacts.root": str(tmp_path / "artifacts")}
+    state = training_pipeline(overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.evaluation.blessed and summary.prediction.rows == 300
+    assert pq.read_table(summary.prediction.output).num_rows == 300
+    first_id = state.state_details.flow_run_id
+    states = task_states(first_id)
+    assert states == {"ingest": "Completed", "train": "Completed", "evaluate": "Completed", "predict": "Completed",
+                      "report": "Completed"}
+    logs = flow_logs(first_id, expect="gate: blessed")
+    assert "epoch 1/1 done" in logs and "gate: blessed" in logs
+
+    for key in ("training-report", "evaluation-metrics", "confusion-matrix", "training-progress"):
+        artifacts = api(lambda c: c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))))
+        assert artifacts, key
+    report = api(lambda c: c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-report"]))))[0]
+    assert "Promotion gate" in report.data and summary.model.fingerprint[:12] in report.data
+    progress = api(lambda c: c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-progress"]))))[0]
+    assert float(progress.data) == 100.0
+
+    started = time.perf_counter()
+    again = training_pipeline(overrides=overrides, return_state=True)
+    assert again.is_completed() and time.perf_counter() - started < 30
+    states = task_states(again.state_details.flow_run_id)
+    assert states["ingest"] == "Cached" and states["train"] == "Cached" and states["predict"] == "Cached"
+    assert again.result().model.fingerprint == summary.model.fingerprint
+
+
+def test_failing_stage_fails_the_flow_with_its_message(prefect_server, tmp_path):
+    overrides = {**TINY, "artifacts.root": str(tmp_path / "artifacts"), "data.source": f"npz:{tmp_path}/missing.npz"}
+    state = training_pipeline(overrides=overrides, return_state=True)
+    assert state.is_failed()
+    logs = flow_logs(state.state_details.flow_run_id, expect="does not exist")
+    assert "missing.npz does not exist" in logs
+    states = task_states(state.state_details.flow_run_id)
+    assert states == {"ingest": "Failed"}  # not retried (bad input), nothing downstream ran
+    assert not (tmp_path / "artifacts").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_on_demand_prediction_and_schedules_training(prefect_server, trained, tmp_path):
+    from prefect.deployments import run_deployment
+
+    from tasks.evaluate import evaluate
+
+    cfg, dataset, model = trained
+    assert evaluate(cfg, dataset, model).blessed  # a champion to predict with
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--set", f"artifacts.root={cfg.artifacts.root}",
+                              "--set", "schedule.cron=15 3 * * *"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        deployments = []
+        while time.time() < deadline and len(deployments) < 2:
+            assert serve.poll() is None, serve.stdout.read()[-3000:]
+            deployments = api(lambda c: c.read_deployments())
+            time.sleep(1)
+        by_name = {d.name: d for d in deployments}
+        assert {"scheduled-training", "on-demand"} <= set(by_name)
+        training = by_name["scheduled-training"]
+        assert [s.schedule.cron for s in training.schedules] == ["15 3 * * *"]
+
+        output = tmp_path / "served.parquet"
+        run = run_deployment("batch-prediction/on-demand", timeout=240, parameters={
+            "model": "champion", "input": str(MNIST / "test.parquet"), "output": str(output),
+            "overrides": {"artifacts.root": cfg.artifacts.root}})
+        assert run.state.is_completed(), (run.state, serve.stdout.read1(100000) if serve.poll() else "")
+        table = pq.read_table(output)
+        assert table.num_rows == 10000 and table.schema.metadata[b"model_fingerprint"].decode() == model.fingerprint
+
+        # the same deployment from Prefect's own CLI, with the serve process's default overrides
+        second = tmp_path / "from-cli.parquet"
+        cli = subprocess.run(["prefect", "deployment", "run", "batch-prediction/on-demand", "-p", "model=champion",
+                              "-p", f"input={MNIST / 'test.parquet'}", "-p", f"output={second}", "--watch",
+                              "--watch-timeout", "240"], env=env, capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
+        assert pq.read_table(second).num_rows == 10000
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()

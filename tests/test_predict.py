@@ -1,0 +1,136 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.evaluate import evaluate
+from tasks.errors import PipelineError
+from tasks.predict import predict
+from tasks.train import load_model
+from tests.conftest import MNIST, invoke_cli, mnist_arrays, write_parquet_source
+
+
+@pytest.fixture(scope="module")
+def champion(trained):
+    """The session's tiny model, evaluated so the gate blesses it."""
+    cfg, dataset, model = trained
+    evaluation = evaluate(cfg, dataset, model)
+    assert evaluation.blessed, evaluation.reasons
+    return cfg, dataset, model, evaluation
+
+
+def test_predictions_equal_model_predict_and_keep_row_order(champion, tmp_path):
+    cfg, _, model, _ = champion
+    table = pq.read_table(MNIST / "test.parquet").slice(0, 700)
+    src = tmp_path / "in.parquet"
+    pq.write_table(table, src, row_group_size=128)
+    out = tmp_path / "out" / "preds.parquet"
+    cfg.predict.batch_size = 100  # several chunks, the last one partial
+    artifact = predict(cfg, "champion", str(src), str(out))
+    assert artifact.rows == 700 and artifact.model_fingerprint == model.fingerprint
+    result = pq.read_table(out)
+    assert result.column("row_id").to_pylist() == list(range(700))
+    x, _ = mnist_arrays("test", 700)
+    expected = load_model(f"{model.uri}/model.keras").predict(x.astype(np.float32) / 255.0, verbose=0)
+    probs = np.array(result.column("probabilities").to_pylist(), np.float32)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_array_equal(result.column("predicted_label").to_numpy(), expected.argmax(1))
+    np.testing.assert_allclose(result.column("confidence").to_numpy(), expected.max(1), atol=1e-5)
+    assert result.column("predicted_name").to_pylist()[:5] == [str(i) for i in expected.argmax(1)[:5]]
+    meta = result.schema.metadata
+    assert meta[b"model_fingerprint"].decode() == model.fingerprint
+    assert result.schema.field("probabilities").type == pa.list_(pa.float32())
+    assert [p.name for p in out.parent.iterdir()] == ["preds.parquet"]  # no temporary file left
+
+
+def test_champion_accuracy_on_the_test_rows_equals_the_evaluation(champion, tmp_path):
+    cfg, dataset, _, evaluation = champion
+    n = dataset.counts["test"]
+    src = tmp_path / "test.parquet"
+    pq.write_table(pq.read_table(MNIST / "test.parquet").slice(0, n), src)
+    out = tmp_path / "preds.parquet"
+    code, stdout, err = invoke_cli("predict", "--set", f"artifacts.root={cfg.artifacts.root}", "--model", "champion",
+                                   "--input", str(src), "--output", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["rows"] == n
+    predicted = pq.read_table(out).column("predicted_label").to_numpy()
+    labels = pq.read_table(src).column("label").to_numpy()
+    assert (predicted == labels).mean() == pytest.approx(evaluation.metrics["accuracy"], abs=1e-12)
+
+
+def test_key_columns_npz_and_cache_inputs(champion, tmp_path):
+    cfg, dataset, model, _ = champion
+    x, y = mnist_arrays("test", 50)
+    src = tmp_path / "keyed.parquet"
+    pq.write_table(pa.table({"image": pa.array([r.tobytes() for r in x.reshape(50, -1)], pa.binary(784)),
+                             "sample_id": pa.array([f"s{i}" for i in range(50)])}), src)
+    cfg.predict.key_columns = ["sample_id"]
+    out = tmp_path / "keyed-out.parquet"
+    predict(cfg, model.fingerprint[:16], str(src), str(out))
+    result = pq.read_table(out)
+    assert result.column_names[0] == "sample_id" and result.column("sample_id").to_pylist() == [f"s{i}" for i in range(50)]
+    cfg.predict.key_columns = []
+
+    npz = tmp_path / "x.npz"
+    np.savez(npz, x=x[:, :, :, 0])
+    from_npz = pq.read_table(predict(cfg, model.uri, str(npz), str(tmp_path / "npz.parquet")).output)
+    np.testing.assert_array_equal(from_npz.column("predicted_label").to_numpy(),
+                                  result.column("predicted_label").to_numpy())
+
+    cached = predict(cfg, "champion", f"cache:{dataset.fingerprint}/test", str(tmp_path / "cache.parquet"))
+    assert cached.rows == dataset.counts["test"]
+    assert pq.read_table(cached.output).column("predicted_label").to_numpy()[:50].tolist() == \
+        from_npz.column("predicted_label").to_numpy().tolist()  # the test split keeps source order
+
+
+def test_unblessed_model_is_refused_unless_allowed(champion, tmp_path):
+    from tasks.train import train
+    from tests.conftest import make_config
+
+    cfg, dataset, _, _ = champion
+    other_cfg = make_config(cfg.artifacts.root, "data.limit=1200", "train.epochs=1", "train.batch_size=64")
+    other = train(other_cfg, dataset)
+    out = tmp_path / "p.parquet"
+    with pytest.raises(PipelineError, match="was not blessed .* --allow-unblessed"):
+        predict(cfg, other.uri, str(MNIST / "test.parquet"), str(out))
+    assert not out.exists()
+    assert predict(cfg, other.uri, str(MNIST / "test.parquet"), str(out), allow_unblessed=True).rows == 10000
+
+
+def bad_predict(cfg, tmp_path, input_path, match):
+    out = tmp_path / "outdir" / "bad.parquet"
+    code, stdout, err = invoke_cli("predict", "--set", f"artifacts.root={cfg.artifacts.root}", "--model", "champion",
+                                   "--input", str(input_path), "--output", str(out))
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert pytest.importorskip("re").search(match, lines[0]), lines[0]
+    assert not out.exists() and not (tmp_path / "outdir").exists()
+
+
+def test_bad_inputs_leave_no_output(champion, tmp_path):
+    cfg = champion[0]
+    x, y = mnist_arrays("test", 10)
+    no_column = tmp_path / "nocol.parquet"
+    pq.write_table(pa.table({"pixels": pa.array([r.tobytes() for r in x.reshape(10, -1)])}), no_column)
+    bad_predict(cfg, tmp_path, no_column, "no column 'image'")
+
+    wrong_pixels = tmp_path / "pixels.parquet"
+    pq.write_table(pa.table({"image": pa.array([b"\x01" * 700] * 10)}), wrong_pixels)
+    bad_predict(cfg, tmp_path, wrong_pixels, "700 values but the image shape")
+
+    rgb = write_parquet_source(tmp_path / "rgb", (np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4, np.int64)),
+                               (np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4, np.int64)),
+                               metadata={"image_shape": "[16, 16, 3]"})
+    bad_predict(cfg, tmp_path, rgb / "test.parquet", r"images are \[16, 16, 3\] but the model expects \[28, 28, 1\]")
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"image": pa.array([], pa.binary(784))}), empty)
+    bad_predict(cfg, tmp_path, empty, "has no rows")
+
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"this is not parquet at all")
+    bad_predict(cfg, tmp_path, garbage, "not a readable Parquet file")
+
+    bad_predict(cfg, tmp_path, tmp_path / "missing.parquet", "does not exist")
