@@ -258,6 +258,59 @@ def serialize_example(image: np.ndarray, label: int) -> bytes:
     })).SerializeToString()
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    value &= (1 << 64) - 1  # int64 on the wire: negatives as 10-byte two's complement
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _head(number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _head(number, len(payload)) + payload
+
+
+class ExampleEncoder:
+    """The same Example as `serialize_example`, several times faster.
+
+    Every record of a dataset has one layout, Example{features: {"image": bytes_list[pixels], "label":
+    int64_list[label]}}, with a fixed number of pixel bytes: only the pixels and the label's varint change, so a
+    record is a precomputed head + the pixels + a per-label tail. The tests check it against the protobuf API
+    (equal messages; protobuf itself may order the two map entries either way).
+    """
+
+    def __init__(self, image_nbytes: int):
+        n = image_nbytes
+        bytes_list = len(_head(1, n)) + n                       # BytesList{value: pixels}
+        feature = len(_head(1, bytes_list)) + bytes_list        # Feature{bytes_list}
+        key = _field(1, b"image")
+        entry = len(key) + len(_head(2, feature)) + feature     # map entry {key, value}
+        self.image_entry_head = _head(1, entry) + key + _head(2, feature) + _head(1, bytes_list) + _head(1, n)
+        self.image_entry_size = len(_head(1, entry)) + entry
+        self.parts: dict[int, tuple[bytes, bytes]] = {}
+
+    def _parts(self, label: int) -> tuple[bytes, bytes]:
+        label_entry = _field(1, _field(1, b"label") + _field(2, _field(3, _field(1, _varint(label)))))
+        head = _head(1, self.image_entry_size + len(label_entry)) + self.image_entry_head  # Example{features}
+        return head, label_entry
+
+    def encode(self, image_bytes: bytes, label: int) -> bytes:
+        parts = self.parts.get(label)
+        if parts is None:
+            parts = self.parts[label] = self._parts(label)
+        return parts[0] + image_bytes + parts[1]
+
+
 def write_tfrecord_shards(directory: str, split: str, x: np.ndarray, y: np.ndarray, shards: int,
                           shuffle_seed: int | None) -> list[dict]:
     """Write (x, y) as `shards` TFRecord files; shuffled once first when `shuffle_seed` is given."""
@@ -270,13 +323,14 @@ def write_tfrecord_shards(directory: str, split: str, x: np.ndarray, y: np.ndarr
     bounds = np.linspace(0, len(x), shards + 1).astype(int)  # contiguous, near-equal shard sizes
     names = [f"{split}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
     writers = [tf.io.TFRecordWriter(join(directory, n)) for n in names]
+    encoder = ExampleEncoder(int(np.prod(x.shape[1:])))
     index = 0
     shard = 0
     for images, labels in ds.batch(4096).as_numpy_iterator():
         for image, label in zip(images, labels.tolist()):
             while index >= bounds[shard + 1]:
                 shard += 1
-            writers[shard].write(serialize_example(image, label))
+            writers[shard].write(encoder.encode(image.tobytes(), label))
             index += 1
     for w in writers:
         w.close()

@@ -231,3 +231,17 @@ def test_cli_ingest_json_prints_dataset_artifact(root):
     assert artifact["counts"] == {"train": 90, "validation": 10, "test": 100} and artifact["cache_hit"] is False
     code, out, _ = invoke_cli("ingest", "--set", f"artifacts.root={root}", "--set", "data.limit=100", "--json")
     assert json.loads(out)["cache_hit"] is True and json.loads(out)["fingerprint"] == artifact["fingerprint"]
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (2, 2, 1), (32, 32, 3), (100, 90, 3)])
+def test_fast_example_encoder_matches_the_protobuf_api(shape):
+    from tasks.ingest import ExampleEncoder, serialize_example
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, shape, dtype=np.uint8)
+    encoder = ExampleEncoder(image.size)
+    for label in (0, 5, 127, 128, 300, 70000, 2**40):
+        fast = encoder.encode(image.tobytes(), label)
+        reference = serialize_example(image, label)
+        assert len(fast) == len(reference)
+        assert tf.train.Example.FromString(fast) == tf.train.Example.FromString(reference)
