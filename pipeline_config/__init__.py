@@ -111,6 +111,8 @@ class EvaluateConfig(Section):
 class PredictConfig(Section):
     input: str | None = None
     batch_size: int = Field(1024, ge=1)
+    precision: Literal["model", "auto", "float32", "mixed_bfloat16", "mixed_float16"] = Field(
+        "model", description="model: compute as the model was trained (the evaluation's numbers)")
     key_columns: list[str] = Field(default_factory=list)
     allow_unblessed: bool = False
 

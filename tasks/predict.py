@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline_config import PipelineConfig
 from tasks.artifacts import PredictionArtifact, join, prune_empty, read_manifest
+from tasks.devices import resolve_precision
 from tasks.errors import PipelineError
 from tasks.images import check_numpy_images, decode_images, iter_parquet_batches, open_parquet, parquet_files, schema_metadata
 
@@ -128,6 +129,21 @@ def _output_batch(probs: np.ndarray, keys: dict[str, pa.Array], first_row: int, 
     return pa.RecordBatch.from_pydict(columns)
 
 
+def with_dtype_policy(model, policy: str):
+    """The same model computing in `policy`, output activation kept in float32 (weights copied)."""
+    import keras
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer is not model.layers[-1]:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    clone_ = keras.models.clone_model(model, clone_function=clone)
+    clone_.set_weights(model.get_weights())
+    return clone_
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -153,6 +169,10 @@ def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
         raise PipelineError(f"model {model_fp[:12]} was not blessed by the evaluation gate: use the champion, or pass "
                             "--allow-unblessed to predict with it anyway")
     model = load_model(join(model_uri, manifest["model_path"]))
+    if cfg.predict.precision != "model":  # else compute as trained: the same numbers as the evaluation
+        precision, reason = resolve_precision(cfg.predict.precision)
+        model = with_dtype_policy(model, precision)
+        log.info("predicting in %s (%s)", precision, reason)
     model_shape = list(model.input_shape[1:])
     forward = tf.function(lambda x: model(tf.cast(x, tf.float32) / 255.0, training=False),
                           input_signature=[tf.TensorSpec([None, *model_shape], tf.uint8)])

@@ -1,0 +1,1 @@
+"""Benchmarks of tfpipe against a bare Keras script (`python -m bench [--quick]`)."""

@@ -1,0 +1,189 @@
+"""tfpipe benchmarks: the pipeline against a bare Keras script, stage by stage, measured side by side in one run.
+
+    python -m bench            # full: full MNIST, the default config end to end (~20-30 min on 2 cores)
+    python -m bench --quick    # small subsets (~5 min)
+
+Prints a table and writes bench/results/<date>-<host>.json. Every figure is a ratio of two things timed in this
+run (or an absolute figure with its target), with the absolute numbers beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+MNIST_TEST = REPO / "data" / "mnist" / "test.parquet"
+
+
+def worker(name: str, args: dict, env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench.worker", name, json.dumps(args)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise SystemExit(f"bench worker {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return seconds, proc.stdout
+
+
+def bare_keras(train_images: int, epochs: int) -> dict:
+    _, out = timed([sys.executable, "-m", "bench.bare_keras", "--train-images", str(train_images), "--epochs", str(epochs)])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_prefect_server(home: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("prefect server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small subsets, about 5 minutes")
+    parser.add_argument("--train-limit", type=int, help="images per split for the training figures")
+    parser.add_argument("--epochs", type=int, help="epochs for the training figures")
+    args = parser.parse_args()
+    quick = args.quick
+    limit = args.train_limit or (6000 if quick else 24000)
+    epochs = args.epochs or (2 if quick else 3)
+    flow_sets = ["--set", "data.limit=6000", "--set", "train.epochs=1"] if quick else []
+    work = Path(tempfile.mkdtemp(prefix="tfpipe-bench-"))
+    figures: list[dict] = []
+    raw: dict = {"quick": quick, "train_limit": limit, "epochs": epochs}
+    t0 = time.perf_counter()
+
+    def figure(name, value, unit, target=None, ok=None, **detail):
+        figures.append({"figure": name, "value": value, "unit": unit, "target": target, "ok": ok, **detail})
+        status = "" if ok is None else ("met" if ok else "MISSED")
+        print(f"  {name}: {value:.3f} {unit}  {target or ''} {status}  {detail or ''}", flush=True)
+
+    print(f"tfpipe bench ({'quick' if quick else 'full'}), scratch {work}", flush=True)
+    # 1. ingestion and the input pipeline
+    ing = worker("ingest", {"repeats": 3})
+    raw["ingest"] = ing
+    figure("ingest full MNIST to TFRecord cache", ing["ingest_images_per_second"], "images/s", ">= 50000",
+           ing["ingest_images_per_second"] >= 50000)
+    figure("reader / from_tensor_slices in memory", ing["reader_images_per_second"] / ing["in_memory_images_per_second"],
+           "x", ">= 1.0", ing["reader_images_per_second"] >= ing["in_memory_images_per_second"],
+           reader=ing["reader_images_per_second"], in_memory=ing["in_memory_images_per_second"])
+
+    # 2. training: the stage (float32 and auto precision, one device and two logical CPUs) against the bare script
+    root = str(work / "artifacts")
+    common = [f"data.limit={limit}", f"train.epochs={epochs}"]
+    f32 = worker("train", {"root": root, "overrides": common + ["train.precision=float32"]})
+    bare = bare_keras(f32["train_images"], epochs)
+    bare_rate = sorted(bare["epoch_images_per_second"][1:] or bare["epoch_images_per_second"])[len(bare["epoch_images_per_second"][1:]) // 2]
+    auto = worker("train", {"root": root, "overrides": common + ["train.precision=auto"]})
+    mirrored = worker("train", {"root": root, "overrides": common + ["train.precision=auto", "train.cpu_replicas=2"]})
+    raw.update({"train_float32": f32, "bare_keras": bare, "train_auto": auto, "train_mirrored": mirrored})
+    figure("train stage float32 / bare Keras float32", f32["images_per_second"] / bare_rate, "x", ">= 0.95",
+           f32["images_per_second"] >= 0.95 * bare_rate, stage=f32["images_per_second"], bare=bare_rate)
+    figure(f"train stage auto ({auto['precision']}) / bare Keras float32", auto["images_per_second"] / bare_rate, "x",
+           ">= 2.0", auto["images_per_second"] >= 2.0 * bare_rate, stage=auto["images_per_second"], bare=bare_rate)
+    figure("input pipeline / training rate", ing["reader_images_per_second"] / auto["images_per_second"], "x", ">= 50",
+           ing["reader_images_per_second"] >= 50 * auto["images_per_second"])
+    figure("MirroredStrategy 2 logical CPUs / single device", mirrored["images_per_second"] / auto["images_per_second"],
+           "x", "reported (replicas share the same cores)", None, mirrored=mirrored["images_per_second"],
+           single=auto["images_per_second"])
+
+    # 3. prediction throughput and memory
+    pred = worker("predict", {"root": root, "model_uri": auto["model_uri"], "input": str(MNIST_TEST), "repeats": 3})
+    raw["predict"] = pred
+    figure("predict stage / raw model.predict", pred["stage_images_per_second"] / pred["raw_images_per_second"], "x",
+           ">= 0.9", pred["stage_images_per_second"] >= 0.9 * pred["raw_images_per_second"],
+           stage=pred["stage_images_per_second"], raw=pred["raw_images_per_second"])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    test = pq.read_table(MNIST_TEST)
+    big = work / "test-x10.parquet"
+    pq.write_table(pa.concat_tables([test] * 10), big, row_group_size=10000)
+    one = worker("predict_memory", {"root": root, "model_uri": auto["model_uri"], "input": str(MNIST_TEST)})
+    ten = worker("predict_memory", {"root": root, "model_uri": auto["model_uri"], "input": str(big)})
+    raw["predict_memory"] = {"x1": one, "x10": ten}
+    figure("predict peak RSS 10x input / 1x input", ten["peak_rss_mb"] / one["peak_rss_mb"], "x", "<= 1.3",
+           ten["peak_rss_mb"] <= 1.3 * one["peak_rss_mb"], x1_mb=one["peak_rss_mb"], x10_mb=ten["peak_rss_mb"])
+
+    # 4. the whole flow, cold and re-run, against the bare script doing the same epochs
+    home = str(work / "prefect-home")
+    flow_root = str(work / "flow-artifacts")
+    env = {"PREFECT_HOME": home, "PREFECT_API_URL": ""}
+    run_cmd = [sys.executable, "-m", "flows.cli", "run", "--json", "--set", f"artifacts.root={flow_root}", *flow_sets]
+    prefect_start, _ = timed([sys.executable, "-c", "import flows; from prefect import flow\n"
+                              "@flow\ndef nothing(): pass\nnothing()"], env)
+    cold, out = timed(run_cmd, env)
+    summary = json.loads(out)
+    bare_flow = bare_keras(summary["dataset"]["counts"]["train"], summary["model"]["epochs"])
+    rerun, _ = timed(run_cmd, env)
+    server, url = start_prefect_server(home)
+    try:
+        timed(run_cmd, {**env, "PREFECT_API_URL": url})  # first report to this server (the stages are cached)
+        rerun_server, _ = timed(run_cmd, {**env, "PREFECT_API_URL": url})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    raw["flow"] = {"cold_seconds": cold, "bare_seconds": bare_flow["wall_seconds"], "prefect_empty_flow_seconds": prefect_start,
+                   "rerun_temporary_server_seconds": rerun, "rerun_with_server_seconds": rerun_server,
+                   "summary": summary, "bare": bare_flow}
+    figure("whole flow cold / bare script, same epochs", cold / bare_flow["wall_seconds"], "x",
+           "reported", None, flow_s=cold, bare_s=bare_flow["wall_seconds"], prefect_startup_s=prefect_start)
+    figure("whole flow re-run, nothing changed (server running)", rerun_server, "s", "<= 15", rerun_server <= 15,
+           temporary_server_s=rerun)
+    accuracy = summary["evaluation"]["metrics"]["accuracy"]
+    figure("test accuracy" + (" (quick subset, not the target run)" if quick else " (default config, full MNIST)"),
+           accuracy * 100, "%", ">= 99.3", None if quick else accuracy >= 0.993,
+           bare_keras_accuracy=bare_flow["test_accuracy"] * 100, precision=summary["model"]["precision"])
+
+    total = time.perf_counter() - t0
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
+              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "seconds": total,
+              "figures": figures, "raw": raw}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if quick else ''}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\n| figure | value | target | status |\n| --- | --- | --- | --- |")
+    for f in figures:
+        status = "reported" if f["ok"] is None else ("met" if f["ok"] else "MISSED")
+        print(f"| {f['figure']} | {f['value']:.3f} {f['unit']} | {f['target'] or ''} | {status} |")
+    print(f"\nwrote {path} in {total:.0f}s")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
