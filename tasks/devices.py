@@ -57,13 +57,15 @@ def make_strategy(cfg: TrainConfig) -> tf.distribute.Strategy:
 
 
 def _checked(devices: list[str]) -> list[str]:
-    known = {d.name.lower() for d in tf.config.list_logical_devices()}
+    def key(name: str) -> tuple[str, int]:
+        spec = tf.DeviceSpec.from_string(name)
+        return (spec.device_type or "").upper(), spec.device_index or 0
+
+    known = {key(d.name): d.name for d in tf.config.list_logical_devices()}
     for device in devices:
-        spec = tf.DeviceSpec.from_string(device)
-        name = f"/job:localhost/replica:0/task:0/device:{(spec.device_type or '').upper()}:{spec.device_index or 0}"
-        if name.lower() not in known:
+        if key(device) not in known:
             raise PipelineError(f"train.devices: {device!r} does not exist here (devices: "
-                                f"{', '.join(sorted(known))}): name existing devices")
+                                f"{', '.join(sorted(known.values()))}): name existing devices")
     return devices
 
 

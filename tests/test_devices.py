@@ -1,0 +1,113 @@
+"""Device set-up, strategies and the mixed-precision policy (tasks/devices.py), and training in each precision."""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tasks.devices import HardwareProbe, make_strategy, resolve_precision
+from tasks.errors import PipelineError
+from tasks.ingest import ingest
+from tasks.train import load_model, make_optimizer, train
+from tests.conftest import REPO, make_config
+
+
+@pytest.mark.parametrize("probe, expected", [
+    (HardwareProbe({"avx2", "avx512_bf16"}, []), "mixed_bfloat16"),
+    (HardwareProbe({"avx2", "amx_bf16", "amx_tile"}, []), "mixed_bfloat16"),
+    (HardwareProbe({"avx2", "avx512f"}, []), "float32"),
+    (HardwareProbe(set(), [(8, 0)]), "mixed_bfloat16"),
+    (HardwareProbe(set(), [(9, 0), (8, 6)]), "mixed_bfloat16"),
+    (HardwareProbe({"avx512_bf16"}, [(7, 5)]), "mixed_float16"),   # the GPUs train, not the CPU
+    (HardwareProbe(set(), [(8, 0), (7, 0)]), "mixed_float16"),     # the weakest GPU decides
+    (HardwareProbe(set(), [(6, 1)]), "float32"),
+])
+def test_auto_precision_follows_the_hardware(probe, expected):
+    policy, reason = resolve_precision("auto", probe)
+    assert policy == expected and reason.startswith("auto: ")
+
+
+def test_explicit_precision_wins():
+    assert resolve_precision("float32", HardwareProbe({"avx512_bf16"}, [])) == ("float32", "train.precision=float32 set in config")
+
+
+def test_this_machine_picks_bf16_when_the_cpu_reports_it():
+    flags = open("/proc/cpuinfo").read()
+    expected = "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) and not tf.config.list_physical_devices("GPU") else None
+    if expected:
+        assert resolve_precision("auto")[0] == expected
+
+
+def test_strategies(tmp_path):
+    cfg = make_config(tmp_path, "train.strategy=mirrored", "train.devices=['/cpu:0', '/cpu:1']")
+    assert make_strategy(cfg.train).num_replicas_in_sync == 2
+    assert make_strategy(make_config(tmp_path, "train.strategy=one_device").train).num_replicas_in_sync == 1
+    assert make_strategy(make_config(tmp_path).train).num_replicas_in_sync == 1  # auto, no GPU: one device
+    with pytest.raises(PipelineError, match="'/gpu:3' does not exist"):
+        make_strategy(make_config(tmp_path, "train.strategy=mirrored", "train.devices=['/gpu:3']").train)
+    with pytest.raises(PipelineError, match="cpu_replicas=3 but only 2 CPU device"):
+        make_strategy(make_config(tmp_path, "train.cpu_replicas=3").train)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_each_precision_trains_under_two_replicas(tmp_path, precision, mode):
+    cfg = make_config(tmp_path, "data.limit=160", "train.cpu_replicas=2", "train.batch_size=32", "train.epochs=1",
+                      f"train.mode={mode}", f"train.precision={precision}")
+    artifact = train(cfg, ingest(cfg.data, cfg.artifacts.root))
+    assert artifact.precision == precision and artifact.replicas == 2
+    assert np.isfinite(artifact.final_metrics["loss"])
+    assert json.load(open(f"{artifact.uri}/history.json"))["precision"] == precision
+    model = load_model(f"{artifact.uri}/model.keras")
+    hidden = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][0]
+    assert hidden.dtype_policy.name == precision  # the body computes in the chosen precision ...
+    assert model.layers[-1].dtype_policy.name == "float32"  # ... the softmax in float32
+    out = model(np.zeros((2, 28, 28, 1), np.float32))
+    assert out.dtype == "float32"
+    scaled = isinstance(make_optimizer(cfg, precision), keras.optimizers.LossScaleOptimizer)
+    assert scaled == (precision == "mixed_float16")  # fp16 gradients need loss scaling, bf16 and fp32 do not
+
+
+def test_bf16_model_loads_and_predicts_in_a_float32_only_process(tmp_path):
+    cfg = make_config(tmp_path, "data.limit=160", "train.batch_size=32", "train.epochs=1", "train.precision=mixed_bfloat16")
+    artifact = train(cfg, ingest(cfg.data, cfg.artifacts.root))
+    x = np.random.default_rng(0).random((4, 28, 28, 1), np.float32)
+    expected = load_model(f"{artifact.uri}/model.keras").predict(x, verbose=0)
+    np.save(tmp_path / "x.npy", x)
+    script = f"""
+import json, numpy as np, keras, tensorflow as tf
+assert keras.config.dtype_policy().name == "float32"
+x = np.load("{tmp_path}/x.npy")
+model = keras.saving.load_model("{artifact.uri}/model.keras", compile=False, safe_mode=True)
+y = model.predict(x, verbose=0)
+served = tf.saved_model.load("{artifact.uri}/saved_model")
+fn = served.signatures["serving_default"]
+spec = list(fn.structured_input_signature[1].values())[0]
+out = list(fn(tf.constant(x)).values())[0]
+print(json.dumps({{"y": y.tolist(), "dtype": str(y.dtype), "input": spec.dtype.name, "output": out.dtype.name,
+                  "served": out.numpy().tolist()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dtype"] == "float32" and result["input"] == "float32" and result["output"] == "float32"
+    np.testing.assert_allclose(np.array(result["y"]), expected, atol=1e-6)
+    np.testing.assert_allclose(np.array(result["served"]), expected, atol=1e-2)
+
+
+def test_predict_can_recast_the_model(trained, tmp_path):
+    from tasks.predict import with_dtype_policy
+
+    _, _, artifact = trained
+    model = load_model(f"{artifact.uri}/model.keras")
+    bf16 = with_dtype_policy(model, "mixed_bfloat16")
+    f32 = with_dtype_policy(model, "float32")
+    x = np.random.default_rng(1).random((64, 28, 28, 1), np.float32)
+    assert bf16.layers[1].dtype_policy.name == "mixed_bfloat16" and bf16.layers[-1].dtype_policy.name == "float32"
+    assert f32.layers[1].dtype_policy.name == "float32"
+    p16, p32 = bf16.predict(x, verbose=0), f32.predict(x, verbose=0)
+    assert p16.dtype == np.float32 and np.abs(p16 - p32).max() < 0.05
