@@ -73,6 +73,10 @@ def _ingest(cfg: PipelineConfig):
 def _train(cfg: PipelineConfig):
     from tasks.train import train as run_train
 
+    if cfg.train.strategy == "multi_worker":  # one worker of a cluster: the strategy comes before any TF op
+        from tasks.cluster import train_multi_worker
+
+        return train_multi_worker(cfg)
     dataset = _ingest(cfg)
     return dataset, run_train(cfg, dataset)
 

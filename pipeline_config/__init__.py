@@ -79,8 +79,9 @@ class OptimizerConfig(Section):
 
 
 class TrainConfig(Section):
-    mode: Literal["fit", "custom"] = "fit"
-    epochs: int = Field(5, ge=1)
+    mode: Literal["auto", "fit", "custom"] = Field(
+        "auto", description="auto: fit on one machine, custom under multi_worker (the only style that works there)")
+    epochs: int = Field(6, ge=1)
     batch_size: int = Field(128, ge=1, description="global batch size, split across replicas")
     loss: Literal["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy"] = (
         "sparse_categorical_crossentropy")
@@ -91,13 +92,21 @@ class TrainConfig(Section):
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     seed: int = 42
     deterministic: bool = False
+    local_workers: int | None = Field(None, ge=1, description="start N multi_worker processes on this machine")
+    collective_timeout_s: float = Field(60.0, gt=0, description="multi_worker: how long to wait for a lost worker")
 
     @model_validator(mode="after")
     def _compatible(self) -> "TrainConfig":
-        if self.strategy == "multi_worker":
-            raise ValueError("strategy multi_worker is not supported yet: use auto, mirrored or one_device")
+        multi = self.strategy == "multi_worker" or bool(self.local_workers)
+        if multi and self.mode == "fit":
+            raise ValueError("train.mode=fit cannot run under multi_worker: Keras 3 model.fit fails under "
+                             "MultiWorkerMirroredStrategy (keras-team/keras#20585); use train.mode=custom (or auto)")
+        if self.mode == "auto":  # resolved here, so fingerprints and artifacts name the style that actually ran
+            self.__dict__["mode"] = "custom" if multi else "fit"
         if self.cpu_replicas and self.strategy == "one_device":
             raise ValueError("cpu_replicas mirrors over several CPU devices: it cannot be used with strategy one_device")
+        if self.cpu_replicas and self.strategy == "multi_worker":
+            raise ValueError("cpu_replicas cannot be combined with strategy multi_worker: each worker trains on its own devices")
         return self
 
 

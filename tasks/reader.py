@@ -39,15 +39,18 @@ def encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.Te
 
 def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuffle_buffer: int | None = None,
                  seed: int | None = None, label_mode: str = "sparse", files: list[str] | None = None,
-                 raw_uint8: bool = False) -> tf.data.Dataset:
+                 raw_uint8: bool = False, record_shard: tuple[int, int] | None = None) -> tf.data.Dataset:
     """Batched (images, labels) from one split. `shuffle_buffer=None` keeps the stored order."""
     paths = files if files is not None else shard_paths(dataset, split)
     ds = tf.data.Dataset.from_tensor_slices(paths)
-    if shuffle_buffer:
-        ds = ds.shuffle(len(paths), seed=seed)
-    if shuffle_buffer:
+    if record_shard is not None:  # (count, index): every count-th record of the stored order, then shuffled
+        ds = ds.flat_map(tf.data.TFRecordDataset).shard(*record_shard)
+        if shuffle_buffer:
+            ds = ds.shuffle(shuffle_buffer, seed=seed)
+    elif shuffle_buffer:
         # Interleave the shards so the shuffle buffer mixes records of every file. Not parallel: on local
         # disks parallel reads cost throughput, and the batched parse below is the hot part.
+        ds = ds.shuffle(len(paths), seed=seed)
         ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=max(1, len(paths)), block_length=16)
         ds = ds.shuffle(shuffle_buffer, seed=seed)
     else:  # stored order, shard after shard (evaluation and prediction line up with the source rows)
@@ -64,3 +67,22 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
         return images, encode_labels(labels, label_mode, num_classes)
 
     return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def per_worker_dataset_fn(dataset: DatasetArtifact, split: str, global_batch_size: int, *, shuffle_buffer: int | None = None,
+                          seed: int | None = None, label_mode: str = "sparse"):
+    """For `strategy.distribute_datasets_from_function`: each input pipeline (worker) reads its own part of the
+    split, whole shard files when there are at least as many files as pipelines, else every n-th record, and
+    batches at the per-replica size. Together the pipelines read every record once per epoch."""
+    paths = shard_paths(dataset, split)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = context.get_per_replica_batch_size(global_batch_size)
+        n, i = context.num_input_pipelines, context.input_pipeline_id
+        if len(paths) >= n:
+            return make_dataset(dataset, split, batch, shuffle_buffer=shuffle_buffer, seed=seed,
+                                label_mode=label_mode, files=paths[i::n])
+        return make_dataset(dataset, split, batch, shuffle_buffer=shuffle_buffer, seed=seed, label_mode=label_mode,
+                            files=paths, record_shard=(n, i))
+
+    return dataset_fn

@@ -8,6 +8,7 @@ The finished model is published to `<root>/train/<fingerprint>/`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -19,10 +20,11 @@ import tensorflow as tf
 from pipeline_config import PipelineConfig, fingerprint
 from tasks.artifacts import (DatasetArtifact, ModelArtifact, find_published, join, publish, read_json, remove_tree,
                              write_json_atomic)
-from tasks.devices import make_strategy, resolve_precision, strategy_devices, strategy_name
+from tasks.devices import (barrier, is_multi_worker, make_strategy, resolve_precision, strategy_devices, strategy_name,
+                           worker_role)
 from tasks.errors import PipelineError
 from tasks.model import build_model
-from tasks.reader import make_dataset
+from tasks.reader import make_dataset, per_worker_dataset_fn
 
 log = logging.getLogger("tfpipe.train")
 
@@ -113,6 +115,8 @@ def make_optimizer(cfg: PipelineConfig, precision: str) -> keras.optimizers.Opti
 def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: str) -> str:
     train = cfg.train.model_dump(mode="json")
     train["precision"] = precision  # `auto` resolves per machine: key on what actually trains
+    if train["local_workers"]:  # the launcher and the workers it starts name the same model
+        train.update(strategy="multi_worker", local_workers=None)
     return fingerprint({"dataset": dataset.fingerprint, "model": cfg.model.model_dump(mode="json"), "train": train,
                         "shuffle_buffer": cfg.data.shuffle_buffer, "code": TRAIN_CODE_VERSION})
 
@@ -146,8 +150,12 @@ class _EpochLog(keras.callbacks.Callback):
         self.end_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()}, self.train_seconds or wall, wall)
 
 
-def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback | None = None) -> ModelArtifact:
-    """Train (or reuse) the model for this config and dataset; returns the published ModelArtifact."""
+def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback | None = None,
+          strategy: tf.distribute.Strategy | None = None) -> ModelArtifact:
+    """Train (or reuse) the model for this config and dataset; returns the published ModelArtifact.
+
+    `strategy` is passed in by the multi-worker entry point, which must create it before any other TF op.
+    """
     precision, precision_reason = resolve_precision(cfg.train.precision)
     fp = train_fingerprint(cfg, dataset, precision)
     root = cfg.artifacts.root
@@ -158,7 +166,12 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
         return model_artifact(uri, manifest, cache_hit=True)
 
     tc = cfg.train
-    strategy = make_strategy(tc)
+    if tc.local_workers and strategy is None:
+        from tasks.cluster import run_local_workers
+
+        return run_local_workers(cfg)
+    strategy = strategy or make_strategy(tc)
+    chief, worker_index = worker_role(strategy)
     replicas = strategy.num_replicas_in_sync
     if tc.batch_size % replicas:
         raise PipelineError(f"train.batch_size={tc.batch_size} does not split evenly over {replicas} replicas: "
@@ -172,9 +185,14 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
         tf.config.experimental.enable_op_determinism()
 
     label_mode = LABEL_MODES[tc.loss]
-    train_ds = make_dataset(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed,
-                            label_mode=label_mode)
-    val_ds = make_dataset(dataset, "validation", tc.batch_size, label_mode=label_mode)
+    if is_multi_worker(strategy):  # each worker reads its own part of the cache
+        train_ds = per_worker_dataset_fn(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
+                                         seed=tc.seed, label_mode=label_mode)
+        val_ds = per_worker_dataset_fn(dataset, "validation", tc.batch_size, label_mode=label_mode)
+    else:
+        train_ds = make_dataset(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed,
+                                label_mode=label_mode)
+        val_ds = make_dataset(dataset, "validation", tc.batch_size, label_mode=label_mode)
 
     work = join(root, STAGE, f".work-{fp}")
     model, optimizer = build_for_training(cfg, dataset, strategy, precision)  # a bad model config fails here
@@ -182,17 +200,19 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
     with strategy.scope():
         completed = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, completed_epochs=completed)
-    manager = tf.train.CheckpointManager(checkpoint, join(work, "checkpoints"), max_to_keep=2)
+    # Every worker saves (TF's multi-worker checkpointing needs all of them); only the chief's copy is kept.
+    own = work if chief else join(work, f".worker-{worker_index}")
+    manager = tf.train.CheckpointManager(checkpoint, join(own, "checkpoints"), max_to_keep=2)
     history_path = join(work, "history.json")
     history: list[dict] = []
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    latest = tf.train.latest_checkpoint(join(work, "checkpoints"))  # the chief's, on every worker
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
         history = read_json(history_path)["epochs"] if tf.io.gfile.exists(history_path) else []
         history = history[: int(completed.numpy())]
-        log.info("resuming from checkpoint %s: %d of %d epochs already done", manager.latest_checkpoint,
-                 int(completed.numpy()), tc.epochs)
+        log.info("resuming from checkpoint %s: %d of %d epochs already done", latest, int(completed.numpy()), tc.epochs)
     start_epoch = int(completed.numpy())
-    summary_writer = tf.summary.create_file_writer(join(work, "tensorboard"))
+    summary_writer = tf.summary.create_file_writer(join(own, "tensorboard"))
     train_count = dataset.counts["train"]
 
     def end_epoch(epoch: int, logs: dict, train_seconds: float, wall_seconds: float) -> None:
@@ -202,6 +222,8 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
         history.append(record)
         completed.assign(epoch + 1)
         manager.save(checkpoint_number=epoch + 1)
+        if not chief:
+            return
         write_json_atomic(history_path, {"epochs": history})
         with summary_writer.as_default(step=epoch + 1):
             for key, value in logs.items():
@@ -238,9 +260,21 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
         shutil.copytree(join(work, "tensorboard"), join(tmp, "tensorboard"))
         return body
 
-    manifest = publish(root, STAGE, fp, write)
-    remove_tree(work)
-    log.info("model published: %s", uri)
+    log.info("final weights sha256 %s (worker %d)", weights_digest(model), worker_index)
+    if chief:
+        manifest = publish(root, STAGE, fp, write)
+    else:  # the documented multi-worker pattern: non-chief workers save too, to a temporary place, then drop it
+        summary_writer.close()
+        model.save(join(own, "model.keras"))
+        remove_tree(own)
+    if is_multi_worker(strategy):
+        barrier(strategy)  # the chief has published when every worker gets past this
+        manifest = find_published(root, STAGE, fp)
+        if manifest is None:
+            raise PipelineError(f"worker {worker_index}: the chief did not publish {uri}: check the chief's log")
+    if chief:
+        remove_tree(work)
+        log.info("model published: %s", uri)
     return model_artifact(uri, manifest, cache_hit=False)
 
 
@@ -270,6 +304,21 @@ def _fit(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch
         model.compile(optimizer=optimizer, loss=make_loss(tc.loss), metrics=make_metrics(tc.loss, dataset.num_classes))
     model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=start_epoch,
               callbacks=[_EpochLog(end_epoch)], shuffle=False, verbose=0)  # the reader shuffles
+
+
+def distribute(strategy: tf.distribute.Strategy, data):
+    """A tf.data.Dataset, or a per-input-pipeline dataset function (multi-worker), spread over the replicas."""
+    if isinstance(data, tf.data.Dataset):
+        return strategy.experimental_distribute_dataset(data)
+    return strategy.distribute_datasets_from_function(data)
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 over every weight's bytes: equal digests mean bit-identical models (workers, reruns)."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(weight.tobytes())
+    return digest.hexdigest()
 
 
 def _custom_loop(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch) -> None:
@@ -314,10 +363,10 @@ def _custom_loop(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, sta
         for metric in all_metrics:
             metric.reset_state()
         started = time.perf_counter()
-        for images, labels in strategy.experimental_distribute_dataset(train_ds):
+        for images, labels in distribute(strategy, train_ds):
             train_step(images, labels)
         train_seconds = time.perf_counter() - started
-        for images, labels in strategy.experimental_distribute_dataset(val_ds):
+        for images, labels in distribute(strategy, val_ds):
             test_step(images, labels)
         logs = {"loss": train_loss.result(), "val_loss": test_loss.result(),
                 **{m.name: m.result() for m in train_metrics + test_metrics}}

@@ -1,0 +1,108 @@
+"""Multi-worker training: real worker processes on loopback, a real kill, and the per-worker input split."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from tasks.cluster import free_port, worker_env
+from tasks.ingest import ingest
+from tasks.reader import decode_batch, per_worker_dataset_fn
+from tasks.train import load_model
+from tests.conftest import REPO, invoke_cli, make_config, run_cli
+
+
+def weight_digests(stderr: str) -> dict[int, str]:
+    return {int(w): d for d, w in re.findall(r"final weights sha256 ([0-9a-f]{64}) \(worker (\d+)\)", stderr)}
+
+
+def test_two_local_workers_train_identical_weights(tmp_path):
+    root = tmp_path / "artifacts"
+    result = run_cli("train", "--set", f"artifacts.root={root}", "--set", "data.limit=400", "--set", "train.epochs=2",
+                     "--set", "train.batch_size=32", "--set", "train.local_workers=2", "--json", timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    artifact = json.loads(result.stdout)
+    assert artifact["replicas"] == 2 and artifact["mode"] == "custom" and artifact["epochs"] == 2
+    assert artifact["strategy"] == "MultiWorkerMirroredStrategy" or "Collective" in artifact["strategy"]
+    digests = weight_digests(result.stderr)
+    assert set(digests) == {0, 1} and digests[0] == digests[1]
+    model = load_model(f"{artifact['uri']}/model.keras")
+    assert model.predict(np.zeros((3, 28, 28, 1), np.float32), verbose=0).shape == (3, 10)
+    assert [p.name for p in (root / "train").iterdir()] == [artifact["fingerprint"]]  # no worker leftovers
+
+
+@pytest.mark.parametrize("shards", [4, 1])  # by file (4 files, 2 workers), and by record (1 file, 2 workers)
+def test_workers_read_every_record_exactly_once_per_epoch(tmp_path, shards):
+    cfg = make_config(tmp_path, "data.limit=300", f"data.shards={shards}")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    fn = per_worker_dataset_fn(dataset, "train", 16, shuffle_buffer=100, seed=3, label_mode="sparse")
+    seen = []
+    for worker in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
+        images = np.concatenate([x.numpy() for x, _ in fn(context)])
+        assert images.shape[0] < dataset.counts["train"]  # each worker reads a part, not all
+        seen.append(images)
+    every = np.concatenate(seen)
+    raw = tf.data.TFRecordDataset([f"{dataset.uri}/{n}" for n in dataset.shards["train"]]).batch(10000)
+    stored = np.concatenate([decode_batch(s, dataset.image_shape)[0].numpy() for s in raw]).astype(np.float32) / 255.0
+    key = lambda a: sorted(r.tobytes() for r in a.reshape(len(a), -1))  # noqa: E731
+    assert len(every) == dataset.counts["train"] and key(every) == key(stored)
+
+
+def test_fit_with_multi_worker_is_rejected():
+    code, _, err = invoke_cli("train", "--set", "train.strategy=multi_worker", "--set", "train.mode=fit")
+    assert code == 2 and "keras-team/keras#20585" in err and "train.mode=custom" in err
+
+
+def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result = run_cli("train", "--set", f"artifacts.root={tmp_path}", "--set", "train.strategy=multi_worker")
+    assert result.returncode == 1 and "needs TF_CONFIG" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_killed_worker_fails_the_other_in_bounded_time_and_relaunch_resumes(tmp_path):
+    root = tmp_path / "artifacts"
+    sets = [f"artifacts.root={root}", "data.limit=2400", "train.epochs=3", "train.batch_size=64",
+            "train.collective_timeout_s=30", "train.precision=float32"]
+    cfg = make_config(root, *sets[1:], "train.strategy=multi_worker")
+    config = tmp_path / "workers.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    ports = [free_port(), free_port()]
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--config", str(config)], cwd=REPO,
+                              env=worker_env(ports, i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for i in range(2)]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(root.glob("train/.work-*/checkpoints/checkpoint")):
+            for p in procs:
+                assert p.poll() is None, p.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        killed_at = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        waited = time.time() - killed_at
+        assert procs[0].returncode not in (0, None)
+        assert waited < 30 + 60, waited  # the collective timeout plus slack, not forever
+        assert "lost contact with worker 1" in err or "worker 1" in err, err[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert not [p for p in (root / "train").iterdir() if not p.name.startswith(".")]  # nothing published
+
+    args = [a for s in sets for a in ("--set", s)]
+    result = run_cli("train", *args, "--set", "train.local_workers=2", "--json", timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    artifact = json.loads(result.stdout)
+    assert 1 <= artifact["resumed_from_epoch"] < 3
+    history = json.load(open(f"{artifact['uri']}/history.json"))
+    assert [h["epoch"] for h in history["epochs"]] == [1, 2, 3]
