@@ -128,6 +128,9 @@ def main() -> None:
     figure("predict stage / raw model.predict", pred["stage_images_per_second"] / pred["raw_images_per_second"], "x",
            ">= 0.9", pred["stage_images_per_second"] >= 0.9 * pred["raw_images_per_second"],
            stage=pred["stage_images_per_second"], raw=pred["raw_images_per_second"])
+    figure("predict auto precision / float32", pred["auto_images_per_second"] / pred["float32_images_per_second"], "x",
+           "reported, with label agreement", None, auto=pred["auto_images_per_second"],
+           float32=pred["float32_images_per_second"], label_agreement=pred["auto_float32_label_agreement"])
     import pyarrow as pa
     import pyarrow.parquet as pq
 

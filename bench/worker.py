@@ -121,8 +121,22 @@ def predict(args: dict) -> dict:
             started = time.perf_counter()
             model.predict(x, batch_size=cfg.predict.batch_size, verbose=0)
             raw.append(len(x) / (time.perf_counter() - started))
+        # the same model re-cast to float32 and to the `auto` precision: speed and label agreement
+        by_precision = {}
+        for precision in ("float32", "auto"):
+            cfg.predict.precision = precision
+            rates, labels = [], None
+            for i in range(args.get("repeats", 3)):
+                started = time.perf_counter()
+                result = run_predict(cfg, args["model_uri"], args["input"], f"{out}/{precision}{i}.parquet",
+                                     allow_unblessed=True)
+                rates.append(result.rows / (time.perf_counter() - started))
+                labels = pq.read_table(result.output).column("predicted_label").to_numpy()
+            by_precision[precision] = (statistics.median(rates), labels)
+    agreement = float((by_precision["float32"][1] == by_precision["auto"][1]).mean())
     return {"stage_images_per_second": statistics.median(stage), "raw_images_per_second": statistics.median(raw),
-            "rows": len(x)}
+            "rows": len(x), "float32_images_per_second": by_precision["float32"][0],
+            "auto_images_per_second": by_precision["auto"][0], "auto_float32_label_agreement": agreement}
 
 
 def predict_memory(args: dict) -> dict:

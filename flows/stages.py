@@ -18,9 +18,9 @@ from tasks import evaluate as evaluate_stage
 from tasks import ingest as ingest_stage
 from tasks import predict as predict_stage
 from tasks import train as train_stage
-from tasks.errors import PipelineError
 from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, find_published,
                              join, publish)
+from tasks.errors import PipelineError
 
 
 def resolved(value):

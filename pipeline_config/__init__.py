@@ -41,7 +41,7 @@ class DataConfig(Section):
     label_column: str = "label"
     image_shape: list[int] | None = None
     limit: int | None = Field(None, ge=1, description="use only the first N examples of each split")
-    shuffle_buffer: int = Field(10000, ge=1)
+    shuffle_buffer: int = Field(60000, ge=1)
     tfds_data_dir: str | None = None
     tfds_download: bool = False
 
@@ -81,7 +81,7 @@ class OptimizerConfig(Section):
 class TrainConfig(Section):
     mode: Literal["auto", "fit", "custom"] = Field(
         "auto", description="auto: fit on one machine, custom under multi_worker (the only style that works there)")
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1, description="global batch size, split across replicas")
     loss: Literal["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy"] = (
         "sparse_categorical_crossentropy")

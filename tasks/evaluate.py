@@ -190,9 +190,9 @@ def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Mode
 
     root, ec = cfg.artifacts.root, cfg.evaluate
     champion = read_champion(root)
-    champion_fp = (champion or {}).get("current", {}) or {}
+    current = (champion or {}).get("current") or {}
     fp = fingerprint({"model": model_artifact.fingerprint, "dataset": dataset.fingerprint,
-                      "evaluate": ec.model_dump(mode="json"), "champion": champion_fp.get("model_fingerprint"),
+                      "evaluate": ec.model_dump(mode="json"), "champion": current.get("model_fingerprint"),
                       "code": EVAL_CODE_VERSION})
     uri = join(root, STAGE, fp)
     manifest = find_published(root, STAGE, fp)
@@ -214,7 +214,7 @@ def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Mode
             plot_training_curves(history, join(tmp, "training_curves.png"))
             return {"model_fingerprint": model_artifact.fingerprint, "dataset_fingerprint": dataset.fingerprint,
                     "metrics": metrics, "blessed": blessed, "reasons": [r.model_dump() for r in reasons],
-                    "compared_with": compared, "champion_before": champion_fp.get("model_fingerprint"),
+                    "compared_with": compared, "champion_before": current.get("model_fingerprint"),
                     "metrics_path": "metrics.json", "plots": ["confusion_matrix.png", "training_curves.png"],
                     "seconds": time.perf_counter() - started}
 

@@ -136,3 +136,18 @@ def test_serve_runs_on_demand_prediction_and_schedules_training(prefect_server, 
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
+
+
+def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    pool = subprocess.run(["prefect", "work-pool", "create", "tfpipe-pool", "--type", "process"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    deploy = subprocess.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    by_name = {d.name: d for d in api(lambda c: c.read_deployments())}
+    training, prediction = by_name["scheduled-training"], by_name["on-demand"]
+    assert training.work_pool_name == "tfpipe-pool" and prediction.work_pool_name == "tfpipe-pool"
+    assert [s.schedule.cron for s in training.schedules] == ["0 2 * * *"]
+    assert training.entrypoint == "flows/training.py:training_pipeline"

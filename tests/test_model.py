@@ -2,35 +2,8 @@ import keras
 import pytest
 
 from pipeline_config import ConfigError, load_config
+from bench.bare_keras import basic_cnn as seed_basic_cnn  # the seed's model, written out by hand
 from tasks.model import build_model
-
-
-def seed_basic_cnn(num_classes=10):
-    """The seed's basic_cnn, written out by hand as in the study notes."""
-    inputs = keras.Input(shape=(28, 28, 1))
-    net = keras.layers.Conv2D(32, (3, 3), padding="SAME")(inputs)
-    net = keras.layers.Activation("relu")(net)
-    net = keras.layers.Conv2D(32, (3, 3), padding="SAME")(net)
-    net = keras.layers.Activation("relu")(net)
-    net = keras.layers.MaxPool2D(pool_size=(2, 2))(net)
-    net = keras.layers.Activation("relu")(net)
-    net = keras.layers.Dropout(0.5)(net)
-    net = keras.layers.Conv2D(64, (3, 3), padding="SAME")(net)
-    net = keras.layers.Activation("relu")(net)
-    net = keras.layers.MaxPool2D(pool_size=(2, 2))(net)
-    net = keras.layers.Activation("relu")(net)
-    net = keras.layers.Conv2D(128, (3, 3), padding="SAME")(net)
-    net = keras.layers.Activation("relu")(net)
-    net = keras.layers.MaxPool2D(pool_size=(2, 2))(net)
-    net = keras.layers.Activation("relu")(net)
-    net = keras.layers.Dropout(0.5)(net)
-    net = keras.layers.Flatten()(net)
-    net = keras.layers.Dense(512)(net)
-    net = keras.layers.Activation("relu")(net)
-    net = keras.layers.Dropout(0.5)(net)
-    net = keras.layers.Dense(num_classes)(net)
-    net = keras.layers.Activation("softmax")(net)
-    return keras.Model(inputs=inputs, outputs=net, name="basic_cnn")
 
 
 def describe(model):
