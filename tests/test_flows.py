@@ -124,9 +124,9 @@ def test_serve_runs_on_demand_prediction_and_schedules_training(prefect_server, 
 
         # the same deployment from Prefect's own CLI, with the serve process's default overrides
         second = tmp_path / "from-cli.parquet"
-        cli = subprocess.run(["prefect", "deployment", "run", "batch-prediction/on-demand", "-p", "model=champion",
-                              "-p", f"input={MNIST / 'test.parquet'}", "-p", f"output={second}", "--watch",
-                              "--watch-timeout", "240"], env=env, capture_output=True, text=True, timeout=300)
+        cli = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "batch-prediction/on-demand",
+                              "-p", "model=champion", "-p", f"input={MNIST / 'test.parquet'}", "-p", f"output={second}",
+                              "--watch", "--watch-timeout", "240"], env=env, capture_output=True, text=True, timeout=300)
         assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
         assert pq.read_table(second).num_rows == 10000
     finally:
@@ -140,11 +140,11 @@ def test_serve_runs_on_demand_prediction_and_schedules_training(prefect_server, 
 
 def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server):
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    pool = subprocess.run(["prefect", "work-pool", "create", "tfpipe-pool", "--type", "process"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    pool = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "tfpipe-pool", "--type", "process"],
+                          env=env, capture_output=True, text=True, timeout=120)
     assert pool.returncode == 0, pool.stdout + pool.stderr
-    deploy = subprocess.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
+    deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     by_name = {d.name: d for d in api(lambda c: c.read_deployments())}
     training, prediction = by_name["scheduled-training"], by_name["on-demand"]
