@@ -106,3 +106,30 @@ def test_killed_worker_fails_the_other_in_bounded_time_and_relaunch_resumes(tmp_
     assert 1 <= artifact["resumed_from_epoch"] < 3
     history = json.load(open(f"{artifact['uri']}/history.json"))
     assert [h["epoch"] for h in history["epochs"]] == [1, 2, 3]
+
+
+def test_worker_without_the_shared_artifact_root_fails_fast(tmp_path):
+    """Worker 1 runs in its own mount namespace with an empty filesystem over the artifact root: it cannot see
+    the cache the chief names, as on a host without the shared filesystem."""
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    cfg = make_config(root, "data.limit=200", "train.epochs=1", "train.strategy=multi_worker",
+                      "train.collective_timeout_s=30")
+    config = tmp_path / "workers.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    ports = [free_port(), free_port()]
+    train_cmd = f"{sys.executable} -m flows.cli train --config {config}"
+    commands = [train_cmd.split(), ["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {root} && exec {train_cmd}"]]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=worker_env(ports, i), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for i, cmd in enumerate(commands)]
+    try:
+        started = time.time()
+        _, err = procs[1].communicate(timeout=120)
+        assert procs[1].returncode == 1, err[-3000:]
+        assert f"worker 1 cannot find the dataset cache {root}/ingest/" in err and "shared filesystem" in err
+        assert time.time() - started < 60  # at once, not after a collective timeout
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
