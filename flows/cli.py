@@ -134,8 +134,7 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
 @app.command()
 def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
     """Run the whole training pipeline as a Prefect flow: ingest, train, evaluate, predict."""
-    cfg = _setup(config, set)  # a bad config fails here, before Prefect starts
-    del cfg
+    _setup(config, set)  # a bad config fails here, before Prefect starts
     from flows.training import training_pipeline
 
     summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set)), json_out)

@@ -151,3 +151,16 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server):
     assert training.work_pool_name == "tfpipe-pool" and prediction.work_pool_name == "tfpipe-pool"
     assert [s.schedule.cron for s in training.schedules] == ["0 2 * * *"]
     assert training.entrypoint == "flows/training.py:training_pipeline"
+
+
+def test_cli_run_prints_the_summary(prefect_server, tmp_path):
+    from tests.conftest import invoke_cli
+
+    args = [a for k, v in {**TINY, "artifacts.root": str(tmp_path / "a")}.items() for a in ("--set", f"{k}={v}")]
+    code, out, err = invoke_cli("run", *args)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("test accuracy: ") and lines[1].startswith("gate: BLESSED")
+    assert any(line.startswith("predictions: ") and "(300 rows)" in line for line in lines)
+    model_line = next(line for line in lines if line.startswith("model: "))
+    assert model_line.split()[1].endswith("model.keras") and (tmp_path / "a" / "train").is_dir()
