@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,31 +104,24 @@ def main() -> None:
            "x", ">= 1.0", ing["reader_images_per_second"] >= ing["in_memory_images_per_second"],
            reader=ing["reader_images_per_second"], in_memory=ing["in_memory_images_per_second"])
 
-    # 2. training: the stage (float32 and auto precision, one device and two logical CPUs) against the bare script.
-    # This machine's speed drifts by tens of percent within minutes, so the three contenders run in alternating
-    # rounds (a new seed each round, so the stage really trains) and each figure is the median over rounds.
+    # 2. training: the stage (float32 and auto precision) against the bare script. This machine's speed drifts by
+    # tens of percent within minutes, so both run in one process in alternating rounds and each ratio is taken
+    # within a round (median over rounds).
     root = str(work / "artifacts")
+    pairs = worker("train_pairs", {"root": root, "limit": limit, "epochs": epochs,
+                                   "rounds": args.rounds or (2 if quick else 4)})
+    for i, r in enumerate(pairs["rounds"]):
+        print(f"  round {i + 1}: stage float32 {r['float32']:.0f}, bare {r['bare']:.0f}, stage auto {r['auto']:.0f} "
+              "images/s", flush=True)
     common = [f"data.limit={limit}", f"train.epochs={epochs}"]
-    rounds = {"float32": [], "bare": [], "auto": []}
-    for r in range(args.rounds or (2 if quick else 3)):
-        seed = [f"train.seed={r}"]
-        f32 = worker("train", {"root": root, "overrides": common + seed + ["train.precision=float32"]})
-        bare = bare_keras(f32["train_images"], epochs)
-        auto = worker("train", {"root": root, "overrides": common + seed + ["train.precision=auto"]})
-        later = bare["epoch_images_per_second"][1:] or bare["epoch_images_per_second"]
-        rounds["float32"].append(f32["images_per_second"])
-        rounds["bare"].append(statistics.median(later))
-        rounds["auto"].append(auto["images_per_second"])
-        print(f"  round {r + 1}: stage float32 {f32['images_per_second']:.0f}, bare {statistics.median(later):.0f}, "
-              f"stage auto {auto['images_per_second']:.0f} images/s", flush=True)
-    f32_rate, bare_rate, auto_rate = (statistics.median(rounds[k]) for k in ("float32", "bare", "auto"))
     mirrored = worker("train", {"root": root, "overrides": common + ["train.precision=auto", "train.cpu_replicas=2"]})
     single = worker("train", {"root": root, "overrides": common + ["train.precision=auto"]})  # right after, side by side
-    raw.update({"train_rounds": rounds, "train_auto": auto, "train_mirrored": mirrored})
-    figure("train stage float32 / bare Keras float32", f32_rate / bare_rate, "x", ">= 0.95",
-           f32_rate >= 0.95 * bare_rate, stage=f32_rate, bare=bare_rate)
-    figure(f"train stage auto ({auto['precision']}) / bare Keras float32", auto_rate / bare_rate, "x",
-           ">= 2.0", auto_rate >= 2.0 * bare_rate, stage=auto_rate, bare=bare_rate)
+    auto_rate = pairs["auto"]
+    raw.update({"train_pairs": pairs, "train_mirrored": mirrored, "train_single": single})
+    figure("train stage float32 / bare Keras float32", pairs["float32_over_bare"], "x", ">= 0.95",
+           pairs["float32_over_bare"] >= 0.95, stage=pairs["float32"], bare=pairs["bare"])
+    figure(f"train stage auto ({pairs['auto_precision']}) / bare Keras float32", pairs["auto_over_bare"], "x",
+           ">= 2.0", pairs["auto_over_bare"] >= 2.0, stage=pairs["auto"], bare=pairs["bare"])
     figure("input pipeline / training rate", ing["reader_images_per_second"] / auto_rate, "x", ">= 50",
            ing["reader_images_per_second"] >= 50 * auto_rate)
     figure("MirroredStrategy 2 logical CPUs / single device", mirrored["images_per_second"] / single["images_per_second"],
@@ -137,7 +129,7 @@ def main() -> None:
            single=single["images_per_second"])
 
     # 3. prediction throughput and memory
-    pred = worker("predict", {"root": root, "model_uri": auto["model_uri"], "input": str(MNIST_TEST), "repeats": 3})
+    pred = worker("predict", {"root": root, "model_uri": single["model_uri"], "input": str(MNIST_TEST), "repeats": 3})
     raw["predict"] = pred
     figure("predict stage / raw model.predict", pred["stage_images_per_second"] / pred["raw_images_per_second"], "x",
            ">= 0.9", pred["stage_images_per_second"] >= 0.9 * pred["raw_images_per_second"],
@@ -151,8 +143,8 @@ def main() -> None:
     test = pq.read_table(MNIST_TEST)
     big = work / "test-x10.parquet"
     pq.write_table(pa.concat_tables([test] * 10), big, row_group_size=10000)
-    one = worker("predict_memory", {"root": root, "model_uri": auto["model_uri"], "input": str(MNIST_TEST)})
-    ten = worker("predict_memory", {"root": root, "model_uri": auto["model_uri"], "input": str(big)})
+    one = worker("predict_memory", {"root": root, "model_uri": single["model_uri"], "input": str(MNIST_TEST)})
+    ten = worker("predict_memory", {"root": root, "model_uri": single["model_uri"], "input": str(big)})
     raw["predict_memory"] = {"x1": one, "x10": ten}
     figure("predict peak RSS 10x input / 1x input", ten["peak_rss_mb"] / one["peak_rss_mb"], "x", "<= 1.3",
            ten["peak_rss_mb"] <= 1.3 * one["peak_rss_mb"], x1_mb=one["peak_rss_mb"], x10_mb=ten["peak_rss_mb"])

@@ -95,6 +95,47 @@ def train(args: dict) -> dict:
             "train_images": dataset.counts["train"], "val_accuracy": history[-1].get("val_accuracy")}
 
 
+def train_pairs(args: dict) -> dict:
+    """The train stage against the bare Keras script in one process, in alternating rounds, so both see the same
+    machine: per round, the stage in float32, the bare script (float32), the stage in `auto` precision. Rates are
+    the last epoch's images/s (the first pays for tracing); ratios are taken within a round."""
+    import keras
+
+    from bench.bare_keras import EpochTimer, basic_cnn, load
+    from tasks.ingest import ingest as run_ingest
+    from tasks.train import train as run_train
+
+    root, limit, epochs = args["root"], args["limit"], args["epochs"]
+    dataset = run_ingest(_config(root, f"data.limit={limit}").data, root)
+    n = dataset.counts["train"]
+    x, y = load("train", n)
+    rounds = []
+    for r in range(args["rounds"]):
+        rates = {}
+        for kind in ("float32", "bare", "auto"):
+            if kind == "bare":
+                keras.utils.set_random_seed(r)
+                model = basic_cnn()
+                model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                              metrics=[keras.metrics.SparseCategoricalAccuracy()])
+                timer = EpochTimer()
+                model.fit(x, y, batch_size=128, shuffle=True, epochs=epochs, callbacks=[timer], verbose=0)
+                rates[kind] = n / timer.seconds[-1]
+            else:
+                cfg = _config(root, f"data.limit={limit}", f"train.epochs={epochs}", f"train.precision={kind}",
+                              f"train.seed={r}")
+                model_artifact = run_train(cfg, dataset)
+                history = json.load(open(f"{model_artifact.uri}/history.json"))["epochs"]
+                rates[kind] = history[-1]["images_per_second"]
+                rates[f"{kind}_precision"] = model_artifact.precision
+        rounds.append(rates)
+    return {"rounds": rounds, "train_images": n,
+            "float32_over_bare": statistics.median(r["float32"] / r["bare"] for r in rounds),
+            "auto_over_bare": statistics.median(r["auto"] / r["bare"] for r in rounds),
+            "float32": statistics.median(r["float32"] for r in rounds), "bare": statistics.median(r["bare"] for r in rounds),
+            "auto": statistics.median(r["auto"] for r in rounds), "auto_precision": rounds[-1]["auto_precision"]}
+
+
 def predict(args: dict) -> dict:
     """The predict stage (Parquet in, Parquet out) against raw model.predict on the same images in memory."""
     import numpy as np
@@ -150,7 +191,8 @@ def predict_memory(args: dict) -> dict:
     return {"rows": result.rows, "peak_rss_mb": peak_rss_mb()}
 
 
-WORKERS = {"ingest": ingest, "train": train, "predict": predict, "predict_memory": predict_memory}
+WORKERS = {"ingest": ingest, "train": train, "train_pairs": train_pairs, "predict": predict,
+           "predict_memory": predict_memory}
 
 if __name__ == "__main__":
     name, raw = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "{}"
