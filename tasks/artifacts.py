@@ -8,6 +8,7 @@ the natural extension (object stores do not rename directories atomically: that 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +39,14 @@ def is_local(path: str) -> bool:
 
 def stage_dir(root: str, stage: str, fingerprint: str) -> str:
     return join(root, stage, fingerprint)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with _gfile().GFile(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: str) -> Any:

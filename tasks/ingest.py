@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_config import DataConfig, fingerprint
-from tasks.artifacts import DatasetArtifact, find_published, join, publish
+from tasks.artifacts import DatasetArtifact, file_sha256, find_published, join, publish
 from tasks.errors import PipelineError
 from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, normalise_shape,
                           open_parquet, parquet_files, schema_metadata)
@@ -336,16 +336,6 @@ def write_tfrecord_shards(directory: str, split: str, x: np.ndarray, y: np.ndarr
         w.close()
     return [{"file": n, "count": int(bounds[i + 1] - bounds[i]), "sha256": file_sha256(join(directory, n))}
             for i, n in enumerate(names)]
-
-
-def file_sha256(path: str) -> str:
-    import tensorflow as tf
-
-    digest = hashlib.sha256()
-    with tf.io.gfile.GFile(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_shards(uri: str, manifest: dict) -> None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline_config import PipelineConfig
-from tasks.artifacts import PredictionArtifact, join, prune_empty, read_manifest
+from tasks.artifacts import PredictionArtifact, file_sha256, join, prune_empty, read_manifest
 from tasks.devices import resolve_precision
 from tasks.errors import PipelineError
 from tasks.images import check_numpy_images, decode_images, iter_parquet_batches, open_parquet, parquet_files, schema_metadata
@@ -142,14 +142,6 @@ def with_dtype_policy(model, policy: str):
     clone_ = keras.models.clone_model(model, clone_function=clone)
     clone_.set_weights(model.get_weights())
     return clone_
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
