@@ -100,10 +100,10 @@ def train_pairs(args: dict) -> dict:
     machine: per round, the stage in float32, the bare script (float32), the stage in `auto` precision, each for
     `epochs` epochs. Every epoch after a run's first (which pays for tracing) is one sample.
 
-    On this kind of VM an epoch runs in one of two states, fast or 25-40% slower with the CPUs partly idle,
-    picked afresh for each epoch (float32 and bf16, oneDNN or not). So the ratio is taken state for state (fast
-    epochs against fast epochs, the median of each), and over whole runs (total images / total seconds on each
-    side, what a user waits for, which depends on how many slow epochs each side drew)."""
+    On this kind of VM an epoch runs in one of two states, fast or slower with the CPUs partly idle (float32
+    about 35-40% slower, bf16 about 20%), picked afresh for each epoch, oneDNN or not. So the ratio is taken
+    state for state (fast epochs against fast epochs, the median of each), and over whole runs (total images /
+    total seconds on each side, what a user waits for, which depends on how many slow epochs each side drew)."""
     import keras
 
     from bench.bare_keras import EpochTimer, basic_cnn, load
@@ -157,7 +157,8 @@ def train_pairs(args: dict) -> dict:
         return n * len(seconds[kind]) / sum(seconds[kind])
 
     def by_state(kind: str) -> tuple[list[float], list[float]]:
-        """(fast, slow) epochs: the two states differ by 25-40%, so within 15% of the side's best is fast."""
+        """(fast, slow) epochs: the two states differ by 20% or more, so within 15% of the side's best is fast.
+        A quick run has too few epochs to be sure of both states on each side; the full run has 12 a side."""
         rates = [n / s for s in seconds[kind]]
         return [r for r in rates if r >= 0.85 * max(rates)], [r for r in rates if r < 0.85 * max(rates)]
 
