@@ -160,10 +160,12 @@ def train_pairs(args: dict) -> dict:
         """(fast, slow) epochs: the two states differ by 20% or more, so within 15% of the side's best is fast.
         A quick run has too few epochs to be sure of both states on each side; the full run has 12 a side."""
         rates = [n / s for s in seconds[kind]]
-        return [r for r in rates if r >= 0.85 * max(rates)], [r for r in rates if r < 0.85 * max(rates)]
+        cut = 0.85 * max(rates)
+        return [r for r in rates if r >= cut], [r for r in rates if r < cut]
 
-    fast = {k: by_state(k)[0] for k in seconds}
-    slow = {k: by_state(k)[1] for k in seconds}
+    states = {k: by_state(k) for k in seconds}
+    fast = {k: v[0] for k, v in states.items()}
+    slow = {k: v[1] for k, v in states.items()}
 
     def state_ratio(state: dict) -> float | None:
         return statistics.median(state["auto"]) / statistics.median(state["bare"]) if state["auto"] and state["bare"] else None
