@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tasks.cluster import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MNIST_TEST = REPO / "data" / "mnist" / "test.parquet"
@@ -48,12 +50,6 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
 def bare_keras(train_images: int, epochs: int) -> dict:
     _, out = timed([sys.executable, "-m", "bench.bare_keras", "--train-images", str(train_images), "--epochs", str(epochs)])
     return json.loads(out.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_prefect_server(home: str) -> tuple[subprocess.Popen, str]:

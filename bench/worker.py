@@ -247,7 +247,7 @@ def predict(args: dict) -> dict:
     from pipeline_config import load_config
     from tasks.images import decode_images
     from tasks.predict import predict as run_predict
-    from tasks.train import load_model
+    from tasks.model import load_model
 
     import pyarrow.parquet as pq
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import flows  # noqa: F401  (environment defaults before TensorFlow and Prefect load)
 
 import contextlib
-import logging
 import sys
 from typing import Annotated, Optional
 
@@ -33,9 +32,9 @@ def _fail(message: str, code: int) -> None:
 
 
 def _setup(config: str | None, overrides: list[str] | None) -> PipelineConfig:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
-    logging.getLogger("tfpipe").setLevel(logging.INFO)
+    from tasks import configure_logging
+
+    configure_logging()
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
@@ -64,19 +63,15 @@ def _emit(artifact, as_json: bool, summary: str) -> None:
 
 def _ingest(cfg: PipelineConfig):
     from tasks.devices import configure_devices
-    from tasks.ingest import ingest as run_ingest
+    from tasks.worker import ingest_for
 
-    configure_devices(cfg.train)  # before the first TensorFlow op
-    return run_ingest(cfg.data, cfg.artifacts.root)
+    configure_devices(cfg.train)  # before the first TensorFlow op (multi_worker: the strategy)
+    return ingest_for(cfg)
 
 
 def _train(cfg: PipelineConfig):
     from tasks.train import train as run_train
 
-    if cfg.train.strategy == "multi_worker":  # one worker of a cluster: the strategy comes before any TF op
-        from tasks.cluster import train_multi_worker
-
-        return train_multi_worker(cfg)
     dataset = _ingest(cfg)
     return dataset, run_train(cfg, dataset)
 
@@ -142,10 +137,12 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False)
         typer.echo(summary.model_dump_json(indent=2))
         return
     ev, model, pred = summary.evaluation, summary.model, summary.prediction
+    if ev is None:  # a multi_worker worker other than the chief
+        typer.echo(f"model: {model.uri}/{model.model_path} (trained as one worker; the chief evaluates)")
+        return
     typer.echo("\n".join([
         f"test accuracy: {ev.metrics['accuracy']:.4f} (macro F1 {ev.metrics['macro_f1']:.4f})",
-        f"gate: {'BLESSED' if ev.blessed else 'NOT blessed'} ("
-        + "; ".join(f"{r.check} {r.observed:.4f} {'>=' if r.passed else '<'} {r.threshold:.4f}" for r in ev.reasons) + ")",
+        f"gate: {'BLESSED' if ev.blessed else 'NOT blessed'} ({'; '.join(r.describe() for r in ev.reasons)})",
         f"model: {model.uri}/{model.model_path}{' (cached)' if model.cache_hit else ''}",
         f"champion: {ev.champion_after or 'none'}",
         f"predictions: {pred.output} ({pred.rows} rows)" if pred else "predictions: none (no champion)",

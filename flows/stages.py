@@ -13,14 +13,13 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from pipeline_config import ConfigError, PipelineConfig, fingerprint
+from pipeline_config import ConfigError, PipelineConfig
 from tasks import evaluate as evaluate_stage
-from tasks import ingest as ingest_stage
 from tasks import predict as predict_stage
 from tasks import train as train_stage
-from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, find_published,
-                             join, publish)
+from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names, join
 from tasks.errors import PipelineError
+from tasks.worker import ingest_for
 
 
 def resolved(value):
@@ -50,21 +49,17 @@ def _finish(artifact, what: str):
 @task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def ingest_task(cfg: PipelineConfig) -> DatasetArtifact:
     """Source -> verified TFRecord cache. Retried: reading a source is I/O that can fail transiently."""
-    dataset = ingest_stage.ingest(cfg.data, cfg.artifacts.root)
-    return _finish(dataset, "ingest")
+    return _finish(ingest_for(cfg), "ingest")
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig, dataset: DatasetArtifact) -> ModelArtifact:
-    """Train under the configured strategy. Not retried here: an interrupted run resumes on the next flow run."""
-    logger = get_run_logger()
+    """Train under the configured strategy. Not retried here: an interrupted run resumes on the next flow run.
+    The stage logs one line per epoch (forwarded into the run's logs); the task moves the progress artifact."""
     progress_id = create_progress_artifact(progress=0.0, key="training-progress",
                                            description=f"epochs of train.epochs={cfg.train.epochs}")
 
     def on_epoch(record: dict) -> None:
-        logger.info("epoch %d/%d done: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f",
-                    record["epoch"], record["epochs"], record["loss"], record["accuracy"],
-                    record.get("val_loss", float("nan")), record.get("val_accuracy", float("nan")))
         update_progress_artifact(artifact_id=progress_id, progress=100.0 * record["epoch"] / record["epochs"])
 
     model = train_stage.train(cfg, dataset, on_epoch=on_epoch)
@@ -79,9 +74,8 @@ def evaluate_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArt
     metrics = evaluation.metrics
     create_table_artifact(key="evaluation-metrics", description="test-split metrics and gate checks", table=[
         {"metric": k, "value": round(metrics[k], 6)} for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1")
-    ] + [{"metric": f"gate {r.check} ({r.metric} >= {r.threshold:.4f})", "value": "pass" if r.passed else "FAIL"}
-         for r in evaluation.reasons])
-    names = dataset.label_names or [str(i) for i in range(len(metrics["confusion_matrix"]))]
+    ] + [{"metric": f"gate {r.describe()}", "value": "pass" if r.passed else "FAIL"} for r in evaluation.reasons])
+    names = class_names(dataset.label_names, len(metrics["confusion_matrix"]))
     create_table_artifact(key="confusion-matrix", description="rows: true class, columns: predicted class", table=[
         {"true": names[i], **{names[j]: v for j, v in enumerate(row)}} for i, row in enumerate(metrics["confusion_matrix"])
     ])
@@ -91,28 +85,10 @@ def evaluate_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArt
 @task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def predict_task(cfg: PipelineConfig, dataset: DatasetArtifact, evaluation: EvaluationArtifact) -> PredictionArtifact | None:
     """Batch predictions from the champion on `predict.input` (default: the test split) into the store."""
-    champion = evaluation.champion_after
-    if champion is None:
+    if evaluation.champion_after is None:
         get_run_logger().warning("no champion: the gate blessed no model yet, so no batch predictions were made")
         return None
-    input_ref = cfg.predict.input or f"cache:{dataset.fingerprint}/test"
-    input_hash = dataset.fingerprint if cfg.predict.input is None else predict_stage.input_hash(input_ref)
-    fp = fingerprint({"model": champion, "input": input_hash, "predict": cfg.predict.model_dump(mode="json"),
-                      "image_column": cfg.data.image_column})
-    root = cfg.artifacts.root
-    final = join(root, "predict", fp, "predictions.parquet")
-    manifest = find_published(root, "predict", fp)
-    if manifest is None:
-        def write(tmp: str) -> dict:
-            artifact = predict_stage.predict(cfg, champion, input_ref, join(tmp, "predictions.parquet"),
-                                             allow_unblessed=False)
-            return {**artifact.model_dump(), "output": final}
-
-        manifest = publish(root, "predict", fp, write)
-        return PredictionArtifact(**{k: manifest[k] for k in PredictionArtifact.model_fields})
-    get_run_logger().info("predict skipped: predictions already published at %s", final)
-    artifact = PredictionArtifact(**{k: manifest[k] for k in PredictionArtifact.model_fields})
-    return Completed(name="Cached", message=f"predict reused {final}", data=artifact)
+    return _finish(predict_stage.batch_predict(cfg, evaluation.champion_after, dataset), "predict")
 
 
 def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: EvaluationArtifact,

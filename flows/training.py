@@ -5,33 +5,39 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows.stages import evaluate_task, ingest_task, predict_task, report_task, resolved, train_task
 from pipeline_config import load_config
 from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact
+from tasks.cluster import cluster_from_env
 from tasks.devices import configure_devices
 
 
 class RunSummary(BaseModel):
     dataset: DatasetArtifact
     model: ModelArtifact
-    evaluation: EvaluationArtifact
+    evaluation: EvaluationArtifact | None  # None on a multi_worker worker other than the chief
     prediction: PredictionArtifact | None
     seconds: float
 
 
-@flow(name="training-pipeline", log_prints=True)
+@flow(name="training-pipeline")
 def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] | None = None) -> RunSummary:
     started = time.perf_counter()
     cfg = load_config(config_file, overrides)
-    configure_devices(cfg.train)  # before the first TensorFlow op of this process
+    configure_devices(cfg.train)  # before the first TensorFlow op of this process (multi_worker: the strategy)
 
     # 1. ingest: the source becomes a verified, content-addressed TFRecord cache.
     dataset = ingest_task(cfg)
     # 2-3. model + train: build the configured CNN and train it under the distribution strategy.
     model = train_task(cfg, dataset)
+    # Under multi_worker every worker trains; the chief alone evaluates, predicts and reports.
+    if cfg.train.strategy == "multi_worker" and cluster_from_env()[0] != 0:
+        get_run_logger().info("worker %d: training done; the chief evaluates and predicts", cluster_from_env()[0])
+        return RunSummary(dataset=resolved(dataset), model=resolved(model), evaluation=None, prediction=None,
+                          seconds=time.perf_counter() - started)
     # 4. evaluate: test-split metrics and the promotion gate; a blessed model becomes the champion.
     evaluation = evaluate_task(cfg, dataset, model)
     # 5. predict: batch predictions from the champion, streamed to Parquet.

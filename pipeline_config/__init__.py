@@ -20,8 +20,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
 SOURCE_SCHEMES = ("mnist", "parquet:", "npz:", "tfds:")
-LAYER_TYPES = ("Conv2D", "MaxPool2D", "AveragePooling2D", "Activation", "Dropout", "Flatten", "Dense",
-               "BatchNormalization", "GlobalAveragePooling2D")
+# The seed's basic_cnn, layer for layer. The input shape and the output head (Dense(num_classes) + softmax, or
+# Dense(1) + sigmoid for binary crossentropy) come from the dataset and the loss.
+SEED_LAYERS = [
+    {"type": "Conv2D", "filters": 32, "kernel_size": 3, "strides": 1, "padding": "same"},
+    {"type": "Activation", "activation": "relu"},
+    {"type": "Conv2D", "filters": 32, "kernel_size": 3, "strides": 1, "padding": "same"},
+    {"type": "Activation", "activation": "relu"},
+    {"type": "MaxPool2D", "pool_size": 2, "strides": 2},
+    {"type": "Activation", "activation": "relu"},
+    {"type": "Dropout", "rate": 0.5},
+    {"type": "Conv2D", "filters": 64, "kernel_size": 3, "strides": 1, "padding": "same"},
+    {"type": "Activation", "activation": "relu"},
+    {"type": "MaxPool2D", "pool_size": 2, "strides": 2},
+    {"type": "Activation", "activation": "relu"},
+    {"type": "Conv2D", "filters": 128, "kernel_size": 3, "strides": 1, "padding": "same"},
+    {"type": "Activation", "activation": "relu"},
+    {"type": "MaxPool2D", "pool_size": 2, "strides": 2},
+    {"type": "Activation", "activation": "relu"},
+    {"type": "Dropout", "rate": 0.5},
+    {"type": "Flatten"},
+    {"type": "Dense", "units": 512},
+    {"type": "Activation", "activation": "relu"},
+    {"type": "Dropout", "rate": 0.5},
+]
 
 
 class ConfigError(Exception):
@@ -69,7 +91,7 @@ class LayerSpec(BaseModel):
 
 class ModelConfig(Section):
     name: str = "basic_cnn"
-    layers: list[LayerSpec] = Field(default_factory=list)
+    layers: list[LayerSpec] = Field(default_factory=lambda: [LayerSpec(**layer) for layer in SEED_LAYERS])
 
 
 class OptimizerConfig(Section):
@@ -95,14 +117,24 @@ class TrainConfig(Section):
     local_workers: int | None = Field(None, ge=1, description="start N multi_worker processes on this machine")
     collective_timeout_s: float = Field(60.0, gt=0, description="multi_worker: how long to wait for a lost worker")
 
+    @property
+    def multi_worker(self) -> bool:
+        return self.strategy == "multi_worker" or bool(self.local_workers)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_mode(cls, data: Any) -> Any:
+        """`auto` becomes the style that actually runs, so fingerprints and artifacts name it."""
+        if isinstance(data, dict) and data.get("mode", "auto") == "auto":
+            multi = data.get("strategy") == "multi_worker" or bool(data.get("local_workers"))
+            return {**data, "mode": "custom" if multi else "fit"}
+        return data
+
     @model_validator(mode="after")
     def _compatible(self) -> "TrainConfig":
-        multi = self.strategy == "multi_worker" or bool(self.local_workers)
-        if multi and self.mode == "fit":
+        if self.multi_worker and self.mode == "fit":
             raise ValueError("train.mode=fit cannot run under multi_worker: Keras 3 model.fit fails under "
                              "MultiWorkerMirroredStrategy (keras-team/keras#20585); use train.mode=custom (or auto)")
-        if self.mode == "auto":  # resolved here, so fingerprints and artifacts name the style that actually ran
-            self.__dict__["mode"] = "custom" if multi else "fit"
         if self.cpu_replicas and self.strategy == "one_device":
             raise ValueError("cpu_replicas mirrors over several CPU devices: it cannot be used with strategy one_device")
         if self.cpu_replicas and self.strategy == "multi_worker":
@@ -128,6 +160,12 @@ class PredictConfig(Section):
 
 class ArtifactsConfig(Section):
     root: str = "./artifacts"
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        """Local roots become absolute, so deployments and subprocesses agree on one place."""
+        return value if "://" in value else os.path.abspath(os.path.expanduser(value))
 
 
 class ScheduleConfig(Section):
@@ -258,9 +296,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     for parts, value in items:
         _set_dotted(tree, parts, value)
     try:
-        cfg = PipelineConfig.model_validate(tree)
+        return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from None
-    if "://" not in cfg.artifacts.root:  # absolute, so deployments and subprocesses agree on one place
-        cfg.artifacts.root = os.path.abspath(os.path.expanduser(cfg.artifacts.root))
-    return cfg

@@ -14,11 +14,10 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
-
-from tasks.errors import PipelineError
 
 MANIFEST = "manifest.json"
 
@@ -39,6 +38,11 @@ def is_local(path: str) -> bool:
 
 def stage_dir(root: str, stage: str, fingerprint: str) -> str:
     return join(root, stage, fingerprint)
+
+
+def class_names(label_names: list[str] | None, num_classes: int) -> list[str]:
+    """The dataset's label names, or the class indices as text when it has none."""
+    return list(label_names) if label_names else [str(i) for i in range(num_classes)]
 
 
 def file_sha256(path: str) -> str:
@@ -108,6 +112,29 @@ def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict
         raise
 
 
+@dataclass
+class Published:
+    """A stage output in the store: where, its manifest, and whether this call reused it."""
+
+    uri: str
+    manifest: dict
+    cache_hit: bool
+
+
+def reuse_or_publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict],
+                     verify: Callable[[str, dict], None] | None = None) -> Published:
+    """The one reuse-or-publish path of every stage: the published output of `fingerprint` when there is one
+    (checked by `verify`, which raises when it cannot be trusted), else `write` it into a temporary directory
+    and publish that."""
+    uri = stage_dir(root, stage, fingerprint)
+    manifest = find_published(root, stage, fingerprint)
+    if manifest is not None:
+        if verify is not None:
+            verify(uri, manifest)
+        return Published(uri, manifest, cache_hit=True)
+    return Published(uri, publish(root, stage, fingerprint, write), cache_hit=False)
+
+
 def remove_tree(path: str) -> None:
     gfile = _gfile()
     if gfile.exists(path):
@@ -146,7 +173,6 @@ class DatasetArtifact(ArtifactRef):
     image_shape: list[int]
     num_classes: int
     label_names: list[str] | None = None
-    element_spec: dict[str, dict]
     shards: dict[str, list[str]]  # split -> shard file names relative to uri
 
 
@@ -181,6 +207,10 @@ class GateReason(BaseModel):
     observed: float
     passed: bool
 
+    def describe(self) -> str:
+        """`min_accuracy: accuracy 0.9812 >= 0.9000`, the one way a gate check is written out."""
+        return f"{self.check}: {self.metric} {self.observed:.4f} {'>=' if self.passed else '<'} {self.threshold:.4f}"
+
 
 class EvaluationArtifact(ArtifactRef):
     model_fingerprint: str
@@ -202,13 +232,8 @@ class PredictionArtifact(BaseModel):
     model_fingerprint: str
     input: str
     seconds: float
+    uri: str | None = None  # the store directory, for the pipeline's own batch predictions
+    cache_hit: bool = False
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
-
-
-def require_published(uri: str, what: str) -> dict:
-    manifest = read_manifest(uri)
-    if manifest is None:
-        raise PipelineError(f"{what} {uri} is not a published artifact (no complete manifest.json): re-run the stage that makes it")
-    return manifest

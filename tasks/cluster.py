@@ -1,13 +1,15 @@
 """Training across several processes or hosts with MultiWorkerMirroredStrategy.
 
-Each host runs one worker: `tfpipe train --set train.strategy=multi_worker` with its TF_CONFIG. The chief
-(worker 0) ingests and names the dataset cache to the others; every worker trains the custom loop on its own
-part of the cache; the chief publishes the model. All workers must see the same `artifacts.root`.
-`train.local_workers=N` starts N such workers on this machine's loopback (for trying it out and for tests).
+Each host runs one worker with its TF_CONFIG (`tfpipe train` or `tfpipe run` with
+`train.strategy=multi_worker`). This module reads TF_CONFIG, creates the strategy (once per process, before any
+other TensorFlow op), says which worker this is, and holds the two collectives the stages need (a barrier and
+a text broadcast). `train.local_workers=N` starts N workers on this machine's loopback (`python -m
+tasks.worker`) and reads what they published from the artifact store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,54 +21,120 @@ import tempfile
 import threading
 import time
 
-from pipeline_config import PipelineConfig
-from tasks.artifacts import DatasetArtifact, ModelArtifact
-from tasks.errors import PipelineError
+from pipeline_config import PipelineConfig, TrainConfig
+from tasks.artifacts import find_published
+from tasks.errors import PipelineError, first_line
 
 log = logging.getLogger("tfpipe.cluster")
 
 LOST_WORKER_ERRORS = ("UnavailableError", "DeadlineExceededError", "CancelledError", "InternalError", "AbortedError")
+_strategy = None  # MultiWorkerMirroredStrategy can be created once per process, at start-up
 
 
-def train_multi_worker(cfg: PipelineConfig, on_epoch=None) -> tuple[DatasetArtifact, ModelArtifact]:
-    """One worker's part of a multi-worker training run (this process's TF_CONFIG says which)."""
-    from tasks.devices import broadcast_text, make_strategy, worker_role
-    from tasks.ingest import dataset_artifact, ingest
-    from tasks.artifacts import read_manifest
-    from tasks.train import train
-
-    strategy = make_strategy(cfg.train)  # before any other TensorFlow op of the process
-    chief, index = worker_role(strategy)
+def cluster_from_env() -> tuple[int, int]:
+    """(this worker's index, number of workers) from TF_CONFIG; a clear error when it is missing or wrong."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise PipelineError("train.strategy=multi_worker needs TF_CONFIG, e.g. {\"cluster\": {\"worker\": [\"host1:12345\", "
+                            "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}: set it on each host, "
+                            "or use train.local_workers=N on one machine")
     try:
-        named = None
-        if chief:
-            try:
-                named = ingest(cfg.data, cfg.artifacts.root).uri
-            except PipelineError as exc:
-                broadcast_text(strategy, "error:" + str(exc)[:900], size=1024)
-                raise
-        named = broadcast_text(strategy, named, size=1024)
-        if named.startswith("error:"):
-            raise PipelineError(f"worker {index}: the chief could not ingest the data ({named[6:]})")
-        manifest = read_manifest(named)
-        if manifest is None:
-            raise PipelineError(f"worker {index} cannot find the dataset cache {named} that the chief named: every "
-                                "worker must see the same artifacts.root (a shared filesystem path)")
-        dataset = dataset_artifact(named, manifest, cache_hit=True)
-        return dataset, train(cfg, dataset, on_epoch, strategy=strategy)
-    except Exception as exc:
-        if type(exc).__name__ in LOST_WORKER_ERRORS:
-            raise PipelineError(lost_worker_message(exc, index, cfg.train.collective_timeout_s)) from None
-        raise
+        config = json.loads(raw)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        index = int(task["index"])
+    except (ValueError, KeyError, TypeError):
+        raise PipelineError("TF_CONFIG is not valid: it needs cluster.worker (a list of host:port) and task "
+                            "{type: worker, index: i}") from None
+    if task.get("type") != "worker" or not 0 <= index < len(workers):
+        raise PipelineError(f"TF_CONFIG task {task} is not one of the {len(workers)} workers: use type worker and "
+                            f"an index below {len(workers)}")
+    return index, len(workers)
 
 
-def lost_worker_message(exc: Exception, index: int, timeout: float) -> str:
-    peers = sorted({int(t) for t in re.findall(r"/job:worker/replica:0/task:(\d+)", str(exc))} - {index})
-    who = ", ".join(f"worker {p}" for p in peers) if peers else "a peer worker"
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return (f"worker {index} lost contact with {who} during training ({type(exc).__name__}: {first}); "
+def multi_worker_strategy(cfg: TrainConfig):
+    """This process's MultiWorkerMirroredStrategy over the TF_CONFIG cluster (created on the first call).
+
+    A lost worker fails the collectives of the others after `collective_timeout_s` instead of hanging them.
+    """
+    global _strategy
+    if _strategy is None:
+        import tensorflow as tf
+
+        index, count = cluster_from_env()
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=cfg.collective_timeout_s)
+        _strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        log.info("multi-worker: this is worker %d of %d%s", index, count, " (chief)" if index == 0 else "")
+    return _strategy
+
+
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def worker_role(strategy) -> tuple[bool, int]:
+    """(is this the chief, worker index). Worker 0 is the chief; a single process is its own chief."""
+    if not is_multi_worker(strategy):
+        return True, 0
+    index = strategy.cluster_resolver.task_id or 0
+    return index == 0, index
+
+
+def barrier(strategy) -> None:
+    """Every worker waits here until all have arrived (a one-number all-reduce)."""
+    import tensorflow as tf
+
+    def one():
+        return tf.constant(1.0)
+
+    tf.function(lambda: strategy.reduce("SUM", strategy.run(one), axis=None), autograph=False)()
+
+
+def broadcast_text(strategy, text: str | None, size: int = 1024) -> str:
+    """The chief's `text` on every worker (UTF-8 bytes summed over an all-reduce where only the chief adds)."""
+    import numpy as np
+    import tensorflow as tf
+
+    chief, _ = worker_role(strategy)
+    data = np.zeros(size, np.int32)
+    if chief:
+        raw = (text or "").encode()
+        if len(raw) > size:
+            raise PipelineError(f"cannot broadcast {len(raw)} bytes (limit {size})")
+        data[: len(raw)] = np.frombuffer(raw, np.uint8)
+
+    def contribute():
+        first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+        return tf.where(first, tf.constant(data), tf.zeros_like(data))
+
+    total = tf.function(lambda: strategy.reduce("SUM", strategy.run(contribute), axis=None), autograph=False)().numpy()
+    return bytes(total[total > 0].astype(np.uint8)).decode()
+
+
+def lost_worker_message(exc: Exception, index: int, count: int, timeout: float) -> str:
+    named = {int(t) for t in re.findall(r"/job:worker/replica:0/task:(\d+)", str(exc))} - {index}
+    peers = sorted(named or set(range(count)) - {index})  # unnamed: one of the others (in a pair, the other one)
+    who = ", ".join(f"worker {p}" for p in peers) if named or len(peers) == 1 else \
+        "one of " + ", ".join(f"worker {p}" for p in peers)
+    return (f"worker {index} lost contact with {who} during training ({type(exc).__name__}: {first_line(exc)}); "
             f"collective timeout {timeout:g}s. Relaunch the cluster: it resumes from the last checkpoint")
 
+
+@contextlib.contextmanager
+def lost_worker_errors(strategy, timeout: float):
+    """Under multi_worker, a collective that failed because a peer is gone becomes one clear PipelineError."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_multi_worker(strategy) or type(exc).__name__ not in LOST_WORKER_ERRORS:
+            raise
+        index, count = cluster_from_env()
+        raise PipelineError(lost_worker_message(exc, index, count, timeout)) from None
+
+
+# ------------------------------------------------------------------------------ local workers (loopback)
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -79,60 +147,63 @@ def worker_env(ports: list[int], index: int) -> dict[str, str]:
     return {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
 
 
-def _forward(stream, prefix: str, sink) -> None:
+def _forward(stream, prefix: str) -> None:
     for line in stream:
-        sink.write(f"{prefix}{line}")
-        sink.flush()
+        sys.stderr.write(f"{prefix}{line}")
+        sys.stderr.flush()
 
 
-def run_local_workers(cfg: PipelineConfig) -> ModelArtifact:
-    """Start `train.local_workers` worker processes on loopback ports, wait for all, return the chief's artifact.
+def _wait_for_workers(procs: list[subprocess.Popen], grace: float) -> tuple[int, int] | None:
+    """Wait until every worker exits; after the first failure, give the others `grace` seconds to fail too.
+    Returns (index, exit code) of the first failed worker, or None when all succeeded."""
+    failed, deadline = None, None
+    while any(p.poll() is None for p in procs):
+        for i, p in enumerate(procs):
+            if p.poll() not in (None, 0) and failed is None:
+                failed, deadline = (i, p.returncode), time.time() + grace
+        if deadline and time.time() > deadline:
+            break
+        time.sleep(0.2)
+    if failed is None:
+        failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0), None)
+    return failed
 
-    Each worker reads this config (with train.strategy=multi_worker) from a temporary file. If a worker fails,
-    the others get the collective timeout to fail too, then are stopped.
-    """
+
+def run_local_workers(cfg: PipelineConfig, fingerprint: str) -> dict:
+    """Start `train.local_workers` worker processes on loopback ports, wait for all, and return the manifest of the
+    model the chief published under `fingerprint`. Their output is forwarded to stderr as `[worker i]` lines."""
     import yaml
 
     n = cfg.train.local_workers
     worker_cfg = cfg.model_copy(deep=True)
     worker_cfg.train.strategy, worker_cfg.train.local_workers = "multi_worker", None
     ports = [free_port() for _ in range(n)]
-    procs, outputs, threads = [], [], []
+    procs: list[subprocess.Popen] = []
+    forwarders: list[threading.Thread] = []
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="tfpipe-workers-") as config_file:
         yaml.safe_dump(worker_cfg.model_dump(mode="json"), config_file)
         config_file.flush()
-        args = [sys.executable, "-m", "flows.cli", "train", "--json", "--config", config_file.name]
         log.info("starting %d local workers on 127.0.0.1 ports %s", n, ports)
         try:
             for i in range(n):
-                proc = subprocess.Popen(args, env=worker_env(ports, i), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, start_new_session=True)
+                proc = subprocess.Popen([sys.executable, "-m", "tasks.worker", config_file.name], env=worker_env(ports, i),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
                 procs.append(proc)
-                outputs.append([])
-                threads.append(threading.Thread(target=_forward, args=(proc.stderr, f"[worker {i}] ", sys.stderr), daemon=True))
-                threads.append(threading.Thread(target=lambda p=proc, o=outputs[i]: o.extend(p.stdout), daemon=True))
-            for t in threads:
-                t.start()
-            failed: tuple[int, int] | None = None
-            deadline = None
-            while any(p.poll() is None for p in procs):
-                for i, p in enumerate(procs):
-                    if p.poll() not in (None, 0) and failed is None:
-                        failed = (i, p.returncode)
-                        deadline = time.time() + cfg.train.collective_timeout_s + 30
-                if deadline and time.time() > deadline:
-                    break
-                time.sleep(0.2)
-            for t in threads:
-                t.join(timeout=5)
-            codes = [p.poll() for p in procs]
-            if failed is None and all(c == 0 for c in codes):
-                return ModelArtifact.model_validate_json("".join(outputs[0]))
-            i, code = failed or next((i, c) for i, c in enumerate(codes) if c != 0)
-            raise PipelineError(f"local worker {i} failed (exit code {code}); see the [worker {i}] lines above. "
-                                "Re-running resumes from the last checkpoint")
+                forwarders.append(threading.Thread(target=_forward, args=(proc.stdout, f"[worker {i}] "), daemon=True))
+                forwarders[-1].start()
+            failed = _wait_for_workers(procs, cfg.train.collective_timeout_s + 30)
+            for thread in forwarders:
+                thread.join(timeout=5)
         finally:
             for p in procs:
                 if p.poll() is None:
                     os.killpg(p.pid, 9)
                     p.wait()
+    if failed is not None:
+        raise PipelineError(f"local worker {failed[0]} failed (exit code {failed[1]}); see the [worker {failed[0]}] "
+                            "lines above. Re-running resumes from the last checkpoint")
+    manifest = find_published(cfg.artifacts.root, "train", fingerprint)
+    if manifest is None:
+        raise PipelineError(f"the local workers finished but published no model {fingerprint[:12]} under "
+                            f"{cfg.artifacts.root}: see the [worker 0] lines above")
+    return manifest

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import tensorflow as tf
 
 from pipeline_config import TrainConfig
+from tasks.cluster import multi_worker_strategy
 from tasks.errors import PipelineError
 
 log = logging.getLogger("tfpipe.devices")
 
 
 def configure_devices(cfg: TrainConfig) -> None:
-    """Split the CPU into `cpu_replicas` logical devices and enable GPU memory growth.
+    """Split the CPU into `cpu_replicas` logical devices, enable GPU memory growth, and under multi_worker create
+    the process's MultiWorkerMirroredStrategy (collectives must be configured at start-up).
 
-    Must run before the first TensorFlow op of the process; the CLI and the flows call it first thing.
+    Must run before the first TensorFlow op of the process; the CLI, the flows and the worker call it first thing.
     """
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
@@ -27,6 +26,9 @@ def configure_devices(cfg: TrainConfig) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             pass  # already initialised: the setting from the first call stands
+    if cfg.strategy == "multi_worker":
+        multi_worker_strategy(cfg)
+        return
     if cfg.cpu_replicas:
         cpu = tf.config.list_physical_devices("CPU")[0]
         current = tf.config.get_logical_device_configuration(cpu)
@@ -43,7 +45,7 @@ def configure_devices(cfg: TrainConfig) -> None:
 
 def make_strategy(cfg: TrainConfig) -> tf.distribute.Strategy:
     if cfg.strategy == "multi_worker":
-        return make_multi_worker_strategy(cfg)
+        return multi_worker_strategy(cfg)
     gpus = tf.config.list_logical_devices("GPU")
     if cfg.cpu_replicas:
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")][: cfg.cpu_replicas]
@@ -72,75 +74,6 @@ def _checked(devices: list[str]) -> list[str]:
             raise PipelineError(f"train.devices: {device!r} does not exist here (devices: "
                                 f"{', '.join(sorted(known.values()))}): name existing devices")
     return devices
-
-
-def cluster_from_env() -> tuple[int, int]:
-    """(this worker's index, number of workers) from TF_CONFIG; a clear error when it is missing or wrong."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        raise PipelineError("train.strategy=multi_worker needs TF_CONFIG, e.g. {\"cluster\": {\"worker\": [\"host1:12345\", "
-                            "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}: set it on each host, "
-                            "or use train.local_workers=N on one machine")
-    try:
-        config = json.loads(raw)
-        workers = config["cluster"]["worker"]
-        task = config["task"]
-        index = int(task["index"])
-    except (ValueError, KeyError, TypeError):
-        raise PipelineError("TF_CONFIG is not valid: it needs cluster.worker (a list of host:port) and task "
-                            "{type: worker, index: i}") from None
-    if task.get("type") != "worker" or not 0 <= index < len(workers):
-        raise PipelineError(f"TF_CONFIG task {task} is not one of the {len(workers)} workers: use type worker and "
-                            f"an index below {len(workers)}")
-    return index, len(workers)
-
-
-def make_multi_worker_strategy(cfg: TrainConfig) -> tf.distribute.Strategy:
-    """MultiWorkerMirroredStrategy over the TF_CONFIG cluster. A lost worker fails the collectives of the others
-    after `collective_timeout_s` instead of hanging them."""
-    index, count = cluster_from_env()
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=cfg.collective_timeout_s)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    log.info("multi-worker: this is worker %d of %d%s", index, count, " (chief)" if index == 0 else "")
-    return strategy
-
-
-def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-
-
-def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
-    """(is this the chief, worker index). Worker 0 is the chief; a single process is its own chief."""
-    if not is_multi_worker(strategy):
-        return True, 0
-    index = strategy.cluster_resolver.task_id or 0
-    return index == 0, index
-
-
-def barrier(strategy: tf.distribute.Strategy) -> None:
-    """Every worker waits here until all have arrived (a one-number all-reduce)."""
-    def one():
-        return tf.constant(1.0)
-
-    tf.function(lambda: strategy.reduce("SUM", strategy.run(one), axis=None), autograph=False)()
-
-
-def broadcast_text(strategy: tf.distribute.Strategy, text: str | None, size: int = 256) -> str:
-    """The chief's `text` on every worker (UTF-8 bytes summed over an all-reduce where only the chief adds)."""
-    chief, _ = worker_role(strategy)
-    data = np.zeros(size, np.int32)
-    if chief:
-        raw = (text or "").encode()
-        if len(raw) > size:
-            raise PipelineError(f"cannot broadcast {len(raw)} bytes (limit {size})")
-        data[: len(raw)] = np.frombuffer(raw, np.uint8)
-
-    def contribute():
-        first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
-        return tf.where(first, tf.constant(data), tf.zeros_like(data))
-
-    total = tf.function(lambda: strategy.reduce("SUM", strategy.run(contribute), axis=None), autograph=False)().numpy()
-    return bytes(total[total > 0].astype(np.uint8)).decode()
 
 
 def strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:

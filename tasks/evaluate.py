@@ -14,15 +14,16 @@ import time
 import numpy as np
 
 from pipeline_config import EvaluateConfig, PipelineConfig, fingerprint
-from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, ModelArtifact, find_published, join,
-                             publish, read_json, write_json_atomic)
+from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, ModelArtifact, class_names, join, read_json,
+                             reuse_or_publish, write_json_atomic)
+from tasks.champion import current_champion, promote
 from tasks.errors import PipelineError
+from tasks.model import class_probabilities, load_model
 
 log = logging.getLogger("tfpipe.evaluate")
 
 EVAL_CODE_VERSION = "1"
 STAGE = "evaluate"
-CHAMPION_FILE = "champion.json"
 EPSILON = 1e-7  # the clip Keras applies to probabilities in its crossentropy losses
 
 
@@ -51,10 +52,7 @@ def predict_split(model, dataset: DatasetArtifact, split: str, batch_size: int) 
     for images, y in ds:
         probs.append(forward(images).numpy())
         labels.append(y.numpy())
-    p = np.concatenate(probs).astype(np.float64)
-    if p.shape[1] == 1:  # a single sigmoid unit: P(class 1)
-        p = np.concatenate([1.0 - p, p], axis=1)
-    return p, np.concatenate(labels)
+    return class_probabilities(np.concatenate(probs).astype(np.float64)), np.concatenate(labels)
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, label_names: list[str] | None = None) -> dict:
@@ -71,7 +69,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, label_names: l
     f1 = np.divide(2 * precision * recall, both, out=np.zeros(num_classes), where=both > 0)
     present = (support + predicted_count) > 0  # macro over classes seen in labels or predictions
     true_probs = np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0)
-    names = label_names or [str(i) for i in range(num_classes)]
+    names = class_names(label_names, num_classes)
     return {
         "count": int(len(labels)),
         "loss": float(-np.log(true_probs).mean()),
@@ -83,29 +81,6 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, label_names: l
                        "f1": float(f1[i]), "support": int(support[i])} for i in range(num_classes)],
         "confusion_matrix": matrix.tolist(),
     }
-
-
-def read_champion(root: str) -> dict | None:
-    import tensorflow as tf
-
-    path = join(root, CHAMPION_FILE)
-    return read_json(path) if tf.io.gfile.exists(path) else None
-
-
-def blessed_models(root: str) -> set[str]:
-    """Fingerprints of every model the gate ever blessed (the champion and those it replaced)."""
-    champion = read_champion(root) or {}
-    entries = ([champion["current"]] if champion.get("current") else []) + champion.get("history", [])
-    return {e["model_fingerprint"] for e in entries}
-
-
-def promote(root: str, entry: dict) -> None:
-    champion = read_champion(root) or {"current": None, "history": []}
-    current = champion.get("current")
-    if current and current["model_fingerprint"] == entry["model_fingerprint"]:
-        return
-    history = ([current] if current else []) + champion.get("history", [])
-    write_json_atomic(join(root, CHAMPION_FILE), {"current": entry, "history": history})
 
 
 def gate(metrics: dict, cfg: EvaluateConfig, champion_accuracy: float | None) -> tuple[bool, list[GateReason]]:
@@ -122,26 +97,23 @@ def gate(metrics: dict, cfg: EvaluateConfig, champion_accuracy: float | None) ->
     return all(r.passed for r in reasons), reasons
 
 
-def _champion_accuracy(root: str, champion: dict | None, dataset: DatasetArtifact, batch_size: int,
+def _champion_accuracy(champion: dict, dataset: DatasetArtifact, batch_size: int,
                        model_fp: str) -> tuple[float | None, str]:
     """The champion's accuracy on this test split: recorded when it was measured on it, else measured now."""
-    if not champion or not champion.get("current"):
+    if not champion:
         return None, "no champion yet: thresholds only"
-    current = champion["current"]
-    if current["model_fingerprint"] == model_fp:
-        return current["accuracy"] if current["dataset_fingerprint"] == dataset.fingerprint else None, "model is the champion"
-    if current["dataset_fingerprint"] == dataset.fingerprint:
-        return current["accuracy"], f"champion {current['model_fingerprint'][:12]}"
-    from tasks.train import load_model
-
-    champion_model = load_model(join(current["model_uri"], "model.keras"))
+    if champion["model_fingerprint"] == model_fp:
+        return champion["accuracy"] if champion["dataset_fingerprint"] == dataset.fingerprint else None, "model is the champion"
+    if champion["dataset_fingerprint"] == dataset.fingerprint:
+        return champion["accuracy"], f"champion {champion['model_fingerprint'][:12]}"
+    champion_model = load_model(join(champion["model_uri"], "model.keras"))
     try:
         check_compatible(champion_model, dataset, "champion")
     except PipelineError as exc:
         log.warning("champion cannot be compared on this test split (%s): thresholds only", exc)
         return None, "champion not comparable on this data: thresholds only"
     probs, labels = predict_split(champion_model, dataset, "test", batch_size)
-    return float((probs.argmax(1) == labels).mean()), f"champion {current['model_fingerprint'][:12]} re-measured"
+    return float((probs.argmax(1) == labels).mean()), f"champion {champion['model_fingerprint'][:12]} re-measured"
 
 
 def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: str) -> None:
@@ -186,53 +158,47 @@ def plot_training_curves(history: list[dict], path: str) -> None:
 
 def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: ModelArtifact) -> EvaluationArtifact:
     """Metrics on the test split, the gate decision, and the champion pointer moved if blessed."""
-    from tasks.train import load_model
-
-    root, ec = cfg.artifacts.root, cfg.evaluate
-    champion = read_champion(root)
-    current = (champion or {}).get("current") or {}
+    root = cfg.artifacts.root
+    champion = current_champion(root) or {}
     fp = fingerprint({"model": model_artifact.fingerprint, "dataset": dataset.fingerprint,
-                      "evaluate": ec.model_dump(mode="json"), "champion": current.get("model_fingerprint"),
+                      "evaluate": cfg.evaluate.model_dump(mode="json"), "champion": champion.get("model_fingerprint"),
                       "code": EVAL_CODE_VERSION})
-    uri = join(root, STAGE, fp)
-    manifest = find_published(root, STAGE, fp)
-    cache_hit = manifest is not None
-    if not cache_hit:
-        started = time.perf_counter()
-        model = load_model(join(model_artifact.uri, model_artifact.model_path))
-        check_compatible(model, dataset)
-        probs, labels = predict_split(model, dataset, "test", ec.batch_size)
-        metrics = classification_metrics(labels, probs, dataset.label_names)
-        champion_accuracy, compared = _champion_accuracy(root, champion, dataset, ec.batch_size, model_artifact.fingerprint)
-        blessed, reasons = gate(metrics, ec, champion_accuracy)
-        history = read_json(join(model_artifact.uri, model_artifact.history_path))["epochs"]
-
-        def write(tmp: str) -> dict:
-            write_json_atomic(join(tmp, "metrics.json"), metrics)
-            names = dataset.label_names or [str(i) for i in range(len(metrics["confusion_matrix"]))]
-            plot_confusion_matrix(metrics["confusion_matrix"], names, join(tmp, "confusion_matrix.png"))
-            plot_training_curves(history, join(tmp, "training_curves.png"))
-            return {"model_fingerprint": model_artifact.fingerprint, "dataset_fingerprint": dataset.fingerprint,
-                    "metrics": metrics, "blessed": blessed, "reasons": [r.model_dump() for r in reasons],
-                    "compared_with": compared, "champion_before": current.get("model_fingerprint"),
-                    "metrics_path": "metrics.json", "plots": ["confusion_matrix.png", "training_curves.png"],
-                    "seconds": time.perf_counter() - started}
-
-        manifest = publish(root, STAGE, fp, write)
-    else:
-        log.info("evaluate cache hit: %s", uri)
+    published = reuse_or_publish(root, STAGE, fp, lambda out: measure(cfg, dataset, model_artifact, champion, out))
+    manifest = published.manifest
+    if published.cache_hit:
+        log.info("evaluate cache hit: %s", published.uri)
     if manifest["blessed"]:
         promote(root, {"model_fingerprint": model_artifact.fingerprint, "model_uri": model_artifact.uri,
                        "dataset_fingerprint": dataset.fingerprint, "accuracy": manifest["metrics"]["accuracy"],
-                       "evaluation_uri": uri, "promoted_at": time.time()})
-    after = (read_champion(root) or {}).get("current") or {}
-    decision = "blessed" if manifest["blessed"] else "NOT blessed"
-    log.info("gate: %s (%s)", decision, "; ".join(
-        f"{r['check']}: {r['metric']} {r['observed']:.4f} {'>=' if r['passed'] else '<'} {r['threshold']:.4f}"
-        for r in manifest["reasons"]))
+                       "evaluation_uri": published.uri, "promoted_at": time.time()})
+    reasons = [GateReason(**r) for r in manifest["reasons"]]
+    log.info("gate: %s (%s)", "blessed" if manifest["blessed"] else "NOT blessed", "; ".join(r.describe() for r in reasons))
     return EvaluationArtifact(
-        uri=uri, fingerprint=fp, cache_hit=cache_hit, model_fingerprint=model_artifact.fingerprint,
-        dataset_fingerprint=dataset.fingerprint, metrics={k: v for k, v in manifest["metrics"].items()},
-        blessed=manifest["blessed"], reasons=[GateReason(**r) for r in manifest["reasons"]],
-        champion_before=manifest["champion_before"], champion_after=after.get("model_fingerprint"),
+        uri=published.uri, fingerprint=fp, cache_hit=published.cache_hit, model_fingerprint=model_artifact.fingerprint,
+        dataset_fingerprint=dataset.fingerprint, metrics=manifest["metrics"], blessed=manifest["blessed"],
+        reasons=reasons, champion_before=manifest["champion_before"],
+        champion_after=(current_champion(root) or {}).get("model_fingerprint"),
         metrics_path=manifest["metrics_path"], plots=manifest["plots"])
+
+
+def measure(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: ModelArtifact, champion: dict,
+            out: str) -> dict:
+    """Test-split metrics, the gate against `champion`, metrics.json and the plots in `out`; the manifest body."""
+    started = time.perf_counter()
+    model = load_model(join(model_artifact.uri, model_artifact.model_path))
+    check_compatible(model, dataset)
+    probs, labels = predict_split(model, dataset, "test", cfg.evaluate.batch_size)
+    metrics = classification_metrics(labels, probs, dataset.label_names)
+    champion_accuracy, compared = _champion_accuracy(champion, dataset, cfg.evaluate.batch_size,
+                                                     model_artifact.fingerprint)
+    blessed, reasons = gate(metrics, cfg.evaluate, champion_accuracy)
+    history = read_json(join(model_artifact.uri, model_artifact.history_path))["epochs"]
+    write_json_atomic(join(out, "metrics.json"), metrics)
+    names = class_names(dataset.label_names, len(metrics["confusion_matrix"]))
+    plot_confusion_matrix(metrics["confusion_matrix"], names, join(out, "confusion_matrix.png"))
+    plot_training_curves(history, join(out, "training_curves.png"))
+    return {"model_fingerprint": model_artifact.fingerprint, "dataset_fingerprint": dataset.fingerprint,
+            "metrics": metrics, "blessed": blessed, "reasons": [r.model_dump() for r in reasons],
+            "compared_with": compared, "champion_before": champion.get("model_fingerprint"),
+            "metrics_path": "metrics.json", "plots": ["confusion_matrix.png", "training_curves.png"],
+            "seconds": time.perf_counter() - started}

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.errors import PipelineError
+from tasks.errors import PipelineError, first_line
 
 PNG_MAGIC = b"\x89PNG"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -40,7 +40,7 @@ def open_parquet(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise PipelineError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}): check the file") from None
+        raise PipelineError(f"{path} is not a readable Parquet file ({first_line(exc)}): check the file") from None
 
 
 def schema_metadata(schema: pa.Schema) -> dict[str, object]:
@@ -78,7 +78,7 @@ def iter_parquet_batches(files: list[Path], columns: list[str], batch_size: int)
         try:
             yield from pf.iter_batches(batch_size=batch_size, columns=columns)
         except pa.ArrowException as exc:
-            raise PipelineError(f"{path} could not be read ({str(exc).splitlines()[0]}): check the file") from None
+            raise PipelineError(f"{path} could not be read ({first_line(exc)}): check the file") from None
 
 
 def _decode_encoded(blobs: list[bytes | None], where: str) -> np.ndarray:
@@ -200,3 +200,24 @@ def check_numpy_images(x: np.ndarray, where: str) -> np.ndarray:
             raise PipelineError(f"{where}: pixel values outside 0..255: store uint8 pixels")
         x = x.astype(np.uint8)
     return x
+
+
+def load_npz(path: str | Path, keys: tuple[str, ...], layout: str) -> dict[str, np.ndarray]:
+    """The arrays `keys` of an .npz file. Nothing is unpickled: object arrays are refused. `layout` tells the user
+    what the file should hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist: {layout}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise PipelineError(f"{path} lacks {', '.join(missing)} (arrays: {', '.join(npz.files) or 'none'}): {layout}")
+            return {k: npz[k] for k in keys}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise PipelineError(f"{path} holds object arrays, which are not loaded for safety: save plain "
+                                "numeric arrays (np.savez with uint8 images and integer labels)") from None
+        raise PipelineError(f"{path} is not a readable .npz file ({first_line(exc)}): check the file") from None
+    except OSError as exc:
+        raise PipelineError(f"{path} is not a readable .npz file ({first_line(exc)}): check the file") from None

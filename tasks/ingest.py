@@ -16,20 +16,20 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_config import DataConfig, fingerprint
-from tasks.artifacts import DatasetArtifact, file_sha256, find_published, join, publish
-from tasks.errors import PipelineError
-from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, normalise_shape,
-                          open_parquet, parquet_files, schema_metadata)
+from tasks.artifacts import DatasetArtifact, file_sha256, join, reuse_or_publish
+from tasks.errors import PipelineError, first_line
+from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, load_npz,
+                          normalise_shape, open_parquet, parquet_files, schema_metadata)
 
 log = logging.getLogger("tfpipe.ingest")
 
-INGEST_CODE_VERSION = "1"
+INGEST_CODE_VERSION = "2"  # 2: the source hash covers each file's sha256
 STAGE = "ingest"
 EMBEDDED_MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist"
 # Keys of `data` that change what is written. The reader-only keys (shuffle_buffer) do not.
 INGEST_KEYS = ("source", "validation_fraction", "shards", "seed", "image_column", "label_column", "image_shape",
                "limit", "tfds_data_dir")
-ELEMENT_SPEC_LABEL = {"shape": [], "dtype": "int64"}
+NPZ_LAYOUT = "data.source=npz:PATH needs an .npz file with x_train, y_train, x_test, y_test (keras.datasets layout)"
 
 
 @dataclass
@@ -71,10 +71,7 @@ def _split_paths(directory: Path) -> dict[str, Path]:
 def _hash_files(files: list[Path], base: Path) -> str:
     digest = hashlib.sha256()
     for path in files:
-        digest.update(str(path.relative_to(base)).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(f"{path.relative_to(base)}:{file_sha256(str(path))}\n".encode())
     return digest.hexdigest()
 
 
@@ -88,8 +85,7 @@ def source_hash(cfg: DataConfig) -> str:
     if scheme == "npz":
         path = Path(where)
         if not path.is_file():
-            raise PipelineError(f"{path} does not exist: data.source=npz:PATH needs an .npz file with "
-                                "x_train, y_train, x_test, y_test")
+            raise PipelineError(f"{path} does not exist: {NPZ_LAYOUT}")
         return _hash_files([path], path.parent)
     return _tfds_hash(where, cfg)
 
@@ -124,20 +120,7 @@ def _concat(images: list[np.ndarray], where: Path) -> np.ndarray:
 
 
 def _load_npz(path: Path) -> SourceData:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
-            if missing:
-                raise PipelineError(f"{path} lacks {', '.join(missing)}: save x_train, y_train, x_test, y_test "
-                                    "(keras.datasets layout)")
-            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise PipelineError(f"{path} holds object arrays, which are not loaded for safety: save plain "
-                                "numeric arrays (np.savez with uint8 images and integer labels)") from None
-        raise PipelineError(f"{path} is not a readable .npz file ({exc}): check the file") from None
-    except OSError as exc:
-        raise PipelineError(f"{path} is not a readable .npz file ({exc}): check the file") from None
+    arrays = load_npz(path, ("x_train", "y_train", "x_test", "y_test"), NPZ_LAYOUT)
     splits = {}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -186,8 +169,7 @@ def _load_tfds(name: str, cfg: DataConfig) -> SourceData:
         (train, test), info = tfds.load(name, split=["train", "test"], data_dir=cfg.tfds_data_dir,
                                         download=cfg.tfds_download, as_supervised=True, with_info=True)
     except Exception as exc:  # TFDS raises AssertionError, DownloadError, OSError... when data is unavailable
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"TFDS dataset {name!r} could not be loaded ({first[:200]}): prepare it with network "
+        raise PipelineError(f"TFDS dataset {name!r} could not be loaded ({first_line(exc)}): prepare it with network "
                             "access once (data.tfds_download=true) or point data.tfds_data_dir at a prepared copy") from None
     splits = {}
     for split, ds in (("train", train), ("test", test)):
@@ -248,16 +230,6 @@ def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
     return (x[train], y[train]), (x[val], y[val])
 
 
-def serialize_example(image: np.ndarray, label: int) -> bytes:
-    """One tf.train.Example: raw uint8 pixel bytes and an int64 label (decoded in batches by the reader)."""
-    import tensorflow as tf
-
-    return tf.train.Example(features=tf.train.Features(feature={
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-    })).SerializeToString()
-
-
 def _varint(value: int) -> bytes:
     out = bytearray()
     value &= (1 << 64) - 1  # int64 on the wire: negatives as 10-byte two's complement
@@ -281,7 +253,7 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 class ExampleEncoder:
-    """The same Example as `serialize_example`, several times faster.
+    """A tf.train.Example of raw uint8 pixel bytes and an int64 label, several times faster than the protobuf API.
 
     Every record of a dataset has one layout, Example{features: {"image": bytes_list[pixels], "label":
     int64_list[label]}}, with a fixed number of pixel bytes: only the pixels and the label's varint change, so a
@@ -357,7 +329,7 @@ def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifa
         source=manifest["source"], source_hash=manifest["source_hash"],
         counts={s: info["count"] for s, info in manifest["splits"].items()},
         image_shape=manifest["image_shape"], num_classes=manifest["num_classes"],
-        label_names=manifest["label_names"], element_spec=manifest["element_spec"],
+        label_names=manifest["label_names"],
         shards={s: [sh["file"] for sh in info["shards"]] for s, info in manifest["splits"].items()},
     )
 
@@ -367,13 +339,19 @@ def ingest(cfg: DataConfig, root: str) -> DatasetArtifact:
     started = time.perf_counter()
     src_hash = source_hash(cfg)
     fp = dataset_fingerprint(src_hash, cfg)
-    uri = join(root, STAGE, fp)
-    manifest = find_published(root, STAGE, fp)
-    if manifest is not None:
-        verify_shards(uri, manifest)
-        log.info("ingest cache hit: %s (%d shards verified)", uri, sum(len(s["shards"]) for s in manifest["splits"].values()))
-        return dataset_artifact(uri, manifest, cache_hit=True)
+    published = reuse_or_publish(root, STAGE, fp, lambda out: write_cache(cfg, src_hash, out), verify=verify_shards)
+    splits = published.manifest["splits"]
+    if published.cache_hit:
+        log.info("ingest cache hit: %s (%d shards verified)", published.uri, sum(len(s["shards"]) for s in splits.values()))
+    else:
+        total, seconds = sum(s["count"] for s in splits.values()), time.perf_counter() - started
+        log.info("ingested %d images from %s into %s in %.1fs (%.0f images/s)", total, published.manifest["source"],
+                 published.uri, seconds, total / max(seconds, 1e-9))
+    return dataset_artifact(published.uri, published.manifest, published.cache_hit)
 
+
+def write_cache(cfg: DataConfig, src_hash: str, out: str) -> dict:
+    """Load the source, carve the validation split, write every split's shards into `out`; the manifest body."""
     data = load_source(cfg)
     (x_train, y_train), (x_test, y_test) = data.splits["train"], data.splits["test"]
     (x_tr, y_tr), (x_val, y_val) = split_validation(x_train, y_train, cfg.validation_fraction, cfg.seed)
@@ -384,26 +362,12 @@ def ingest(cfg: DataConfig, root: str) -> DatasetArtifact:
         raise PipelineError(f"{cfg.source}: label {max_label} but only {len(names)} label names: fix the labels or the "
                             "label_names metadata")
     num_classes = len(names) if names else max_label + 1
-    image_shape = [int(s) for s in x_tr.shape[1:]]
-
-    def write(tmp: str) -> dict:
-        split_info = {}
-        for i, (split, (x, y)) in enumerate(splits.items()):
-            # The test split keeps the source's row order, so predictions on it line up with the source rows.
-            seed = None if split == "test" else cfg.seed + i
-            shards = write_tfrecord_shards(tmp, split, x, y, cfg.shards, seed)
-            split_info[split] = {"count": int(len(x)), "shards": shards,
-                                 "class_histogram": np.bincount(y, minlength=num_classes).tolist()}
-        return {
-            "source": data.description, "source_hash": src_hash, "image_shape": image_shape, "dtype": "uint8",
-            "num_classes": num_classes, "label_names": names, "splits": split_info,
-            "element_spec": {"image": {"shape": image_shape, "dtype": "uint8"}, "label": ELEMENT_SPEC_LABEL},
-            "data_config": {k: getattr(cfg, k) for k in INGEST_KEYS}, "code_version": INGEST_CODE_VERSION,
-        }
-
-    manifest = publish(root, STAGE, fp, write)
-    total = sum(len(x) for x, _ in splits.values())
-    seconds = time.perf_counter() - started
-    log.info("ingested %d images from %s into %s in %.1fs (%.0f images/s)", total, data.description, uri, seconds,
-             total / max(seconds, 1e-9))
-    return dataset_artifact(uri, manifest, cache_hit=False)
+    split_info = {}
+    for i, (split, (x, y)) in enumerate(splits.items()):
+        # The test split keeps the source's row order, so predictions on it line up with the source rows.
+        seed = None if split == "test" else cfg.seed + i
+        split_info[split] = {"count": int(len(x)), "shards": write_tfrecord_shards(out, split, x, y, cfg.shards, seed),
+                             "class_histogram": np.bincount(y, minlength=num_classes).tolist()}
+    return {"source": data.description, "source_hash": src_hash, "image_shape": [int(s) for s in x_tr.shape[1:]],
+            "dtype": "uint8", "num_classes": num_classes, "label_names": names, "splits": split_info,
+            "data_config": {k: getattr(cfg, k) for k in INGEST_KEYS}, "code_version": INGEST_CODE_VERSION}

@@ -8,8 +8,10 @@ crossentropy. The output activation always computes in float32, whatever the pre
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from pipeline_config import ConfigError, ModelConfig
+from tasks.errors import first_line
 
 LAYERS = {
     "Conv2D": keras.layers.Conv2D,
@@ -24,9 +26,16 @@ LAYERS = {
 }
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def load_model(path: str) -> keras.Model:
+    """A published model, for inference: safe mode (no Python code from the file), no training state."""
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """The model's outputs as one probability column per class: a single sigmoid unit is P(class 1)."""
+    if outputs.shape[1] == 1:
+        return np.concatenate([1.0 - outputs, outputs], axis=1)
+    return outputs
 
 
 def build_model(model_cfg: ModelConfig, image_shape: list[int], num_classes: int, loss: str,
@@ -47,11 +56,11 @@ def build_model(model_cfg: ModelConfig, image_shape: list[int], num_classes: int
         try:
             layer = layer_class(**params)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {_first_line(exc)}") from None
+            raise ConfigError(f"{where}: {first_line(exc)}") from None
         try:
             x = layer(x)
         except Exception as exc:  # Keras raises ValueError, TF raises InvalidArgumentError for impossible shapes
-            raise ConfigError(f"{where}: cannot apply to input of shape {tuple(x.shape)}: {_first_line(exc)}") from None
+            raise ConfigError(f"{where}: cannot apply to input of shape {tuple(x.shape)}: {first_line(exc)}") from None
         spatial = x.shape[1:-1]
         if any(d is not None and d < 1 for d in spatial):
             raise ConfigError(f"{where}: shrinks the feature map to {tuple(x.shape[1:])}, below 1x1: remove the "

@@ -14,48 +14,29 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline_config import PipelineConfig
-from tasks.artifacts import PredictionArtifact, file_sha256, join, prune_empty, read_manifest
+from pipeline_config import PipelineConfig, fingerprint
+from tasks.artifacts import (DatasetArtifact, PredictionArtifact, file_sha256, join, prune_empty, read_manifest,
+                             reuse_or_publish, stage_dir)
+from tasks.champion import blessed_models, resolve_model
 from tasks.devices import resolve_precision
 from tasks.errors import PipelineError
-from tasks.images import check_numpy_images, decode_images, iter_parquet_batches, open_parquet, parquet_files, schema_metadata
+from tasks.images import (check_numpy_images, decode_images, iter_parquet_batches, load_npz, open_parquet, parquet_files,
+                          schema_metadata)
+from tasks.model import class_probabilities, load_model
 
 log = logging.getLogger("tfpipe.predict")
 
+PREDICT_CODE_VERSION = "1"
+STAGE = "predict"
 Chunk = tuple[np.ndarray, dict[str, pa.Array]]  # uint8 images, key columns to pass through
-
-
-def resolve_model(root: str, ref: str) -> tuple[str, dict]:
-    """(model directory, its manifest) for `champion`, a model directory, or a fingerprint (or unique prefix)."""
-    from tasks.evaluate import read_champion
-
-    if ref == "champion":
-        champion = (read_champion(root) or {}).get("current")
-        if not champion:
-            raise PipelineError(f"no champion under {root}: run the pipeline (tfpipe run) so a model is blessed, "
-                                "or pass --model with a model directory or fingerprint")
-        uri = champion["model_uri"]
-    elif Path(ref).exists():
-        uri = str(Path(ref).parent if ref.endswith(".keras") else Path(ref))
-    else:
-        base = Path(root) / "train"
-        matches = sorted(p for p in base.glob(f"{ref}*") if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
-        if len(matches) != 1:
-            problem = "matches no model" if not matches else f"matches {len(matches)} models"
-            raise PipelineError(f"--model {ref!r} {problem} under {base}: pass champion, a model directory or a full fingerprint")
-        uri = str(matches[0])
-    manifest = read_manifest(uri)
-    if manifest is None or manifest.get("stage") != "train":
-        raise PipelineError(f"{uri} is not a published model (no complete train manifest.json): pass a directory "
-                            "written by the train stage")
-    return uri, manifest
 
 
 def _parquet_chunks(path: str, image_column: str, key_columns: list[str], shape: list[int],
@@ -69,16 +50,7 @@ def _parquet_chunks(path: str, image_column: str, key_columns: list[str], shape:
 
 
 def _npz_chunks(path: str, batch_size: int) -> Iterator[Chunk]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "x" not in npz.files:
-                raise PipelineError(f"{path} has no array 'x' (arrays: {', '.join(npz.files)}): save the images as x")
-            x = npz["x"]
-    except ValueError:
-        raise PipelineError(f"{path} holds object arrays or is not a valid .npz: save plain numeric arrays") from None
-    except OSError as exc:
-        raise PipelineError(f"{path} is not a readable .npz file ({exc}): check the file") from None
-    x = check_numpy_images(x, f"{path} x")
+    x = check_numpy_images(load_npz(path, ("x",), "an .npz input holds the images as an array x")["x"], f"{path} x")
     for start in range(0, len(x), batch_size):
         yield x[start: start + batch_size], {}
 
@@ -106,17 +78,13 @@ def read_chunks(cfg: PipelineConfig, input_path: str, model_shape: list[int]) ->
     if input_path.startswith("cache:"):
         return _cache_chunks(cfg.artifacts.root, input_path.removeprefix("cache:"), pc.batch_size)
     if input_path.endswith(".npz"):
-        if not Path(input_path).is_file():
-            raise PipelineError(f"{input_path} does not exist: check the path")
         return _npz_chunks(input_path, pc.batch_size)
     return _parquet_chunks(input_path, cfg.data.image_column, pc.key_columns, cfg.data.image_shape or model_shape,
                            pc.batch_size)
 
 
-def _output_batch(probs: np.ndarray, keys: dict[str, pa.Array], first_row: int, label_names: list[str] | None) -> pa.RecordBatch:
-    if probs.shape[1] == 1:  # a single sigmoid unit: P(class 1)
-        probs = np.concatenate([1.0 - probs, probs], axis=1)
-    probs = probs.astype(np.float32)
+def _output_batch(outputs: np.ndarray, keys: dict[str, pa.Array], first_row: int, label_names: list[str] | None) -> pa.RecordBatch:
+    probs = class_probabilities(outputs).astype(np.float32)
     n, classes = probs.shape
     label = probs.argmax(axis=1)
     columns = dict(keys) if keys else {"row_id": pa.array(np.arange(first_row, first_row + n, dtype=np.int64))}
@@ -144,51 +112,77 @@ def with_dtype_policy(model, policy: str):
     return clone_
 
 
-def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
-            allow_unblessed: bool | None = None) -> PredictionArtifact:
-    """Predict every image of `input_path` with the model `model_ref` and write Parquet to `output`."""
+@dataclass
+class Predictor:
+    """A published model ready to predict: its compiled forward pass over uint8 images, and what it is."""
+
+    uri: str
+    manifest: dict
+    forward: Callable[[np.ndarray], np.ndarray]
+    image_shape: list[int]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+
+def load_predictor(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -> Predictor:
+    """The model `model_ref` names, refused when the gate never blessed it (unless allowed), in the configured
+    precision, with a forward pass that scales uint8 pixels as training did."""
     import tensorflow as tf
 
-    from tasks.evaluate import blessed_models
-    from tasks.train import load_model
-
-    started = time.perf_counter()
     root = cfg.artifacts.root
-    allow = cfg.predict.allow_unblessed if allow_unblessed is None else allow_unblessed
     model_uri, manifest = resolve_model(root, model_ref)
-    model_fp = manifest["fingerprint"]
-    if not allow and model_fp not in blessed_models(root):
-        raise PipelineError(f"model {model_fp[:12]} was not blessed by the evaluation gate: use the champion, or pass "
-                            "--allow-unblessed to predict with it anyway")
+    if not allow_unblessed and manifest["fingerprint"] not in blessed_models(root):
+        raise PipelineError(f"model {manifest['fingerprint'][:12]} was not blessed by the evaluation gate: use the "
+                            "champion, or pass --allow-unblessed to predict with it anyway")
     model = load_model(join(model_uri, manifest["model_path"]))
     if cfg.predict.precision != "model":  # else compute as trained: the same numbers as the evaluation
         precision, reason = resolve_precision(cfg.predict.precision)
         model = with_dtype_policy(model, precision)
         log.info("predicting in %s (%s)", precision, reason)
-    model_shape = list(model.input_shape[1:])
+    shape = list(model.input_shape[1:])
     forward = tf.function(lambda x: model(tf.cast(x, tf.float32) / 255.0, training=False),
-                          input_signature=[tf.TensorSpec([None, *model_shape], tf.uint8)])
-    label_names = manifest.get("label_names")
+                          input_signature=[tf.TensorSpec([None, *shape], tf.uint8)])
+    return Predictor(model_uri, manifest, lambda images: forward(images).numpy(), shape)
 
+
+def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
+            allow_unblessed: bool | None = None) -> PredictionArtifact:
+    """Predict every image of `input_path` with the model `model_ref` and write Parquet to `output`."""
+    started = time.perf_counter()
+    allow = cfg.predict.allow_unblessed if allow_unblessed is None else allow_unblessed
+    predictor = load_predictor(cfg, model_ref, allow)
     output_path = Path(output)
     if output_path.is_dir():
         raise PipelineError(f"--output {output} is a directory: name a .parquet file")
+    metadata = {"model_fingerprint": predictor.fingerprint, "model_uri": predictor.uri,
+                "label_names": json.dumps(predictor.manifest.get("label_names")), "input": input_path}
+    chunks = read_chunks(cfg, input_path, predictor.image_shape)
+    rows = write_predictions(chunks, predictor, output_path, metadata, input_path)
+    seconds = time.perf_counter() - started
+    log.info("predicted %d rows with model %s into %s in %.1fs", rows, predictor.fingerprint[:12], output_path, seconds)
+    return PredictionArtifact(output=str(output_path), rows=rows, sha256=file_sha256(str(output_path)),
+                              model_fingerprint=predictor.fingerprint, input=input_path, seconds=seconds)
+
+
+def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path: Path, metadata: dict,
+                      input_path: str) -> int:
+    """Stream the predictions into a temporary file beside `output_path`, then rename it into place; on any
+    error nothing is left behind. Returns the number of rows."""
     created_parent = not output_path.parent.exists()
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.parent / f".{output_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    writer = None
-    rows = 0
+    writer, rows = None, 0
     try:
-        for images, keys in read_chunks(cfg, input_path, model_shape):
-            if list(images.shape[1:]) != model_shape:
+        for images, keys in chunks:
+            if list(images.shape[1:]) != predictor.image_shape:
                 raise PipelineError(f"{input_path}: images are {list(images.shape[1:])} but the model expects "
-                                    f"{model_shape}: predict with a model trained on this kind of image")
+                                    f"{predictor.image_shape}: predict with a model trained on this kind of image")
             if len(images) == 0:
                 continue
-            batch = _output_batch(forward(images).numpy(), keys, rows, label_names)
+            batch = _output_batch(predictor.forward(images), keys, rows, predictor.manifest.get("label_names"))
             if writer is None:
-                metadata = {"model_fingerprint": model_fp, "model_uri": model_uri,
-                            "label_names": json.dumps(label_names), "input": input_path}
                 writer = pq.ParquetWriter(tmp, batch.schema.with_metadata(metadata))
             writer.write_batch(batch)
             rows += len(images)
@@ -204,10 +198,7 @@ def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
         if created_parent:
             prune_empty(str(output_path.parent))
         raise
-    seconds = time.perf_counter() - started
-    log.info("predicted %d rows with model %s into %s in %.1fs", rows, model_fp[:12], output_path, seconds)
-    return PredictionArtifact(output=str(output_path), rows=rows, sha256=file_sha256(str(output_path)),
-                              model_fingerprint=model_fp, input=input_path, seconds=seconds)
+    return rows
 
 
 def input_hash(input_path: str) -> str:
@@ -221,3 +212,24 @@ def input_hash(input_path: str) -> str:
             raise PipelineError(f"{path} does not exist: check the path")
         digest.update(file_sha256(str(path)).encode())
     return digest.hexdigest()
+
+
+def batch_predict(cfg: PipelineConfig, model_fingerprint: str, dataset: DatasetArtifact) -> PredictionArtifact:
+    """The pipeline's batch predictions, kept in the store: the blessed model on `predict.input` (default: the
+    dataset's test split), keyed on the model, the input's content and the predict config."""
+    input_ref = cfg.predict.input or f"cache:{dataset.fingerprint}/test"
+    input_fp = dataset.fingerprint if cfg.predict.input is None else input_hash(input_ref)
+    fp = fingerprint({"model": model_fingerprint, "input": input_fp, "predict": cfg.predict.model_dump(mode="json"),
+                      "image_column": cfg.data.image_column, "code": PREDICT_CODE_VERSION})
+    root = cfg.artifacts.root
+    final = join(stage_dir(root, STAGE, fp), "predictions.parquet")
+
+    def write(out: str) -> dict:
+        artifact = predict(cfg, model_fingerprint, input_ref, join(out, "predictions.parquet"), allow_unblessed=False)
+        return {**artifact.model_dump(), "output": final}
+
+    published = reuse_or_publish(root, STAGE, fp, write)
+    if published.cache_hit:
+        log.info("predict cache hit: %s", final)
+    fields = {k: published.manifest[k] for k in PredictionArtifact.model_fields if k in published.manifest}
+    return PredictionArtifact(**{**fields, "uri": published.uri, "cache_hit": published.cache_hit})

@@ -4,6 +4,10 @@ Two styles, as in the seed: `fit` (compile + fit) and `custom` (the expert Gradi
 `strategy.run`). Both checkpoint at the end of every epoch in `<root>/train/.work-<fingerprint>/`; an
 interrupted run with the same fingerprint resumes from the last completed epoch with its optimizer state.
 The finished model is published to `<root>/train/<fingerprint>/`.
+
+The steps: `train` (cache or train, publish) -> `start_run` (seeds, inputs, model and optimizer in the strategy
+scope, as a TrainingRun) -> `EpochRecorder.resume` -> `run_epochs` (fit or the custom loop, with
+`EpochRecorder.end_epoch` after each epoch) -> `save_outputs`.
 """
 
 from __future__ import annotations
@@ -12,16 +16,17 @@ import hashlib
 import logging
 import shutil
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import keras
 import tensorflow as tf
 
 from pipeline_config import PipelineConfig, fingerprint
-from tasks.artifacts import (DatasetArtifact, ModelArtifact, find_published, join, publish, read_json, remove_tree,
-                             write_json_atomic)
-from tasks.devices import (barrier, is_multi_worker, make_strategy, resolve_precision, strategy_devices, strategy_name,
-                           worker_role)
+from tasks.artifacts import (DatasetArtifact, ModelArtifact, Published, find_published, join, read_json, remove_tree,
+                             reuse_or_publish, stage_dir, write_json_atomic)
+from tasks.cluster import barrier, is_multi_worker, lost_worker_errors, run_local_workers, worker_role
+from tasks.devices import make_strategy, resolve_precision, strategy_devices, strategy_name
 from tasks.errors import PipelineError
 from tasks.model import build_model
 from tasks.reader import make_dataset, per_worker_dataset_fn
@@ -35,6 +40,7 @@ LABEL_MODES = {"sparse_categorical_crossentropy": "sparse", "categorical_crossen
 METRIC_NAMES = ("loss", "accuracy", "precision", "recall")
 
 EpochCallback = Callable[[dict], None]
+EndEpoch = Callable[[int, dict, float, float], None]  # (epoch, logs, train seconds, wall seconds)
 
 
 @keras.saving.register_keras_serializable(package="tfpipe")
@@ -121,19 +127,243 @@ def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: 
                         "shuffle_buffer": cfg.data.shuffle_buffer, "code": TRAIN_CODE_VERSION})
 
 
-def load_model(path: str) -> keras.Model:
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
-
-
 def model_artifact(uri: str, manifest: dict, cache_hit: bool) -> ModelArtifact:
     fields = {k: manifest[k] for k in ModelArtifact.model_fields if k in manifest and k not in ("uri", "cache_hit")}
     return ModelArtifact(uri=uri, cache_hit=cache_hit, **fields)
 
 
+def work_dir(root: str, fp: str) -> str:
+    """Checkpoints and history of a run in progress; removed once the model is published."""
+    return join(root, STAGE, f".work-{fp}")
+
+
+@dataclass
+class TrainingRun:
+    """What one training run works with: built once by `start_run`, handed to every step after it."""
+
+    cfg: PipelineConfig
+    dataset: DatasetArtifact
+    strategy: tf.distribute.Strategy
+    precision: str
+    precision_reason: str
+    work: str
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    train_data: Any  # a tf.data.Dataset, or under multi_worker a function each worker builds its part with
+    val_data: Any
+
+    @property
+    def chief(self) -> bool:
+        return worker_role(self.strategy)[0]
+
+    @property
+    def worker_dir(self) -> str:
+        """Where this worker checkpoints: the work dir on the chief, a private one the other workers delete."""
+        chief, index = worker_role(self.strategy)
+        return self.work if chief else join(self.work, f".worker-{index}")
+
+    def facts(self) -> dict:
+        """How the run trained, for the manifest and history.json."""
+        replicas = self.strategy.num_replicas_in_sync
+        return {"mode": self.cfg.train.mode, "strategy": strategy_name(self.strategy),
+                "devices": strategy_devices(self.strategy), "replicas": replicas,
+                "global_batch_size": self.cfg.train.batch_size,
+                "per_replica_batch_size": self.cfg.train.batch_size // replicas, "precision": self.precision,
+                "precision_reason": self.precision_reason}
+
+
+def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback | None = None) -> ModelArtifact:
+    """Train (or reuse) the model for this config and dataset; returns the published ModelArtifact.
+
+    Under multi_worker the strategy must exist before any other TensorFlow op of the process: the worker entry
+    points create it first (tasks/worker.py), and `make_strategy` here returns that one.
+    """
+    precision = resolve_precision(cfg.train.precision)
+    fp = train_fingerprint(cfg, dataset, precision[0])
+    root, uri = cfg.artifacts.root, stage_dir(cfg.artifacts.root, STAGE, fp)
+    if cfg.train.local_workers:  # the workers it starts train and publish; this process reads the result
+        manifest = find_published(root, STAGE, fp)
+        return model_artifact(uri, manifest or run_local_workers(cfg, fp), cache_hit=manifest is not None)
+
+    strategy = make_strategy(cfg.train)
+
+    def build(out: str) -> dict:
+        return train_and_save(start_run(cfg, dataset, strategy, precision, fp), out, on_epoch)
+
+    with lost_worker_errors(strategy, cfg.train.collective_timeout_s):
+        published = publish_model(root, fp, strategy, build)
+    if published.cache_hit:
+        log.info("train cache hit: %s (trained %d epochs before)", uri, published.manifest["epochs"])
+    elif worker_role(strategy)[0]:
+        log.info("model published: %s", uri)
+    return model_artifact(uri, published.manifest, published.cache_hit)
+
+
+def publish_model(root: str, fp: str, strategy: tf.distribute.Strategy, build: Callable[[str], dict]) -> Published:
+    """The chief trains and publishes through the one reuse-or-publish path. Under multi_worker the other workers
+    train too (each takes part in every collective and saves, as TensorFlow's multi-worker saving needs) into a
+    private directory they delete, then wait until the chief has published."""
+    chief, index = worker_role(strategy)
+    uri = stage_dir(root, STAGE, fp)
+    if chief:
+        published = reuse_or_publish(root, STAGE, fp, build)
+    else:
+        manifest = find_published(root, STAGE, fp)
+        published = Published(uri, manifest or {}, cache_hit=manifest is not None)
+        if not published.cache_hit:
+            scratch = join(work_dir(root, fp), f".worker-{index}")
+            tf.io.gfile.makedirs(join(scratch, "output"))
+            try:
+                build(join(scratch, "output"))
+            finally:
+                remove_tree(scratch)
+    if published.cache_hit:
+        return published
+    if is_multi_worker(strategy):
+        barrier(strategy)  # the chief has published when every worker gets past this
+    if chief:
+        remove_tree(work_dir(root, fp))
+        return published
+    manifest = find_published(root, STAGE, fp)
+    if manifest is None:
+        raise PipelineError(f"worker {index}: the chief did not publish {uri}: check the chief's log")
+    return Published(uri, manifest, cache_hit=False)
+
+
+def start_run(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
+              precision: tuple[str, str], fp: str) -> TrainingRun:
+    """Seeds, input pipelines, model and optimizer for one run (a bad model config fails here)."""
+    tc = cfg.train
+    replicas = strategy.num_replicas_in_sync
+    if tc.batch_size % replicas:
+        raise PipelineError(f"train.batch_size={tc.batch_size} does not split evenly over {replicas} replicas: "
+                            f"use a multiple of {replicas}")
+    log.info("precision %s (%s); %s over %d replica(s) %s, global batch %d = %d per replica", precision[0],
+             precision[1], strategy_name(strategy), replicas, strategy_devices(strategy), tc.batch_size,
+             tc.batch_size // replicas)
+    keras.utils.set_random_seed(tc.seed)
+    if tc.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    train_data, val_data = training_inputs(cfg, dataset, strategy)
+    model, optimizer = build_for_training(cfg, dataset, strategy, precision[0])
+    return TrainingRun(cfg, dataset, strategy, precision[0], precision[1], work_dir(cfg.artifacts.root, fp), model,
+                       optimizer, train_data, val_data)
+
+
+def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy) -> tuple[Any, Any]:
+    """(train, validation) inputs: pipelines over the whole cache, or under multi_worker dataset functions that
+    give each worker its own part of it."""
+    tc = cfg.train
+    make = per_worker_dataset_fn if is_multi_worker(strategy) else make_dataset
+    train_data = make(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed,
+                      label_mode=LABEL_MODES[tc.loss])
+    val_data = make(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss])
+    return train_data, val_data
+
+
+def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
+                       precision: str) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """Model and optimizer, both created inside the strategy scope (the optimizer built, as the custom loop needs)."""
+    with strategy.scope():
+        model = build_model(cfg.model, dataset.image_shape, dataset.num_classes, cfg.train.loss, precision)
+        optimizer = make_optimizer(cfg, precision)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -> dict:
+    """Resume, train the remaining epochs, save the model into `out`; returns the manifest body."""
+    recorder = EpochRecorder(run, on_epoch)
+    start_epoch = recorder.resume()
+    started = time.perf_counter()
+    run_epochs(run, start_epoch, recorder.end_epoch)
+    log.info("final weights sha256 %s (worker %d)", weights_digest(run.model), worker_role(run.strategy)[1])
+    save_outputs(run, recorder, out, {"resumed_from_epoch": start_epoch,
+                                      "seconds_this_run": time.perf_counter() - started})
+    history = recorder.history
+    final = {k: history[-1][k] for k in history[-1] if k.split("val_")[-1] in METRIC_NAMES}
+    return {**run.facts(), "dataset_fingerprint": run.dataset.fingerprint, "model_path": "model.keras",
+            "saved_model_path": "saved_model", "history_path": "history.json", "tensorboard_dir": "tensorboard",
+            "epochs": run.cfg.train.epochs, "resumed_from_epoch": start_epoch, "final_metrics": final,
+            "image_shape": run.dataset.image_shape, "num_classes": run.dataset.num_classes,
+            "label_names": run.dataset.label_names, "loss": run.cfg.train.loss,
+            "config": run.cfg.model_dump(mode="json")}
+
+
+class EpochRecorder:
+    """Checkpoints and history: restores the last completed epoch, and after every epoch records it, saves a
+    checkpoint and (on the chief) writes history.json and TensorBoard scalars, logs one line and calls `on_epoch`."""
+
+    def __init__(self, run: TrainingRun, on_epoch: EpochCallback | None = None):
+        self.run, self.on_epoch = run, on_epoch
+        self.history: list[dict] = []
+        with run.strategy.scope():
+            self.completed = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
+        self.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, completed_epochs=self.completed)
+        tf.io.gfile.makedirs(run.worker_dir)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, join(run.worker_dir, "checkpoints"), max_to_keep=2)
+        self.history_path = join(run.work, "history.json")
+        self.summary_writer = tf.summary.create_file_writer(join(run.worker_dir, "tensorboard"))
+
+    def resume(self) -> int:
+        """Restore the chief's last checkpoint (on every worker); returns the number of epochs already done."""
+        latest = tf.train.latest_checkpoint(join(self.run.work, "checkpoints"))
+        if not latest:
+            return 0
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        done = int(self.completed.numpy())
+        history = read_json(self.history_path)["epochs"] if tf.io.gfile.exists(self.history_path) else []
+        self.history = history[:done]
+        log.info("resuming from checkpoint %s: %d of %d epochs already done", latest, done, self.run.cfg.train.epochs)
+        return done
+
+    def end_epoch(self, epoch: int, logs: dict, train_seconds: float, wall_seconds: float) -> None:
+        train_count = self.run.dataset.counts["train"]
+        record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}, "train_seconds": train_seconds,
+                  "wall_seconds": wall_seconds, "images_per_second": train_count / max(train_seconds, 1e-9)}
+        self.history.append(record)
+        self.completed.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+        if not self.run.chief:
+            return
+        write_json_atomic(self.history_path, {"epochs": self.history})
+        with self.summary_writer.as_default(step=epoch + 1):
+            for key, value in logs.items():
+                tf.summary.scalar(key, value)
+        self.summary_writer.flush()
+        epochs = self.run.cfg.train.epochs
+        log.info("epoch %d/%d: %s, %.0f images/s", epoch + 1, epochs,
+                 ", ".join(f"{k}={logs[k]:.4f}" for k in sorted(logs)), record["images_per_second"])
+        if self.on_epoch is not None:
+            self.on_epoch({**record, "epochs": epochs})
+
+    def close(self) -> None:
+        self.summary_writer.close()
+
+
+def save_outputs(run: TrainingRun, recorder: EpochRecorder, out: str, extra: dict) -> None:
+    """model.keras, the SavedModel export, history.json and the TensorBoard logs, into `out`."""
+    run.model.save(join(out, "model.keras"))
+    run.model.export(join(out, "saved_model"), verbose=False)
+    write_json_atomic(join(out, "history.json"), {"epochs": recorder.history, **run.facts(), **extra})
+    recorder.close()
+    shutil.copytree(join(run.worker_dir, "tensorboard"), join(out, "tensorboard"))
+
+
+def run_epochs(run: TrainingRun, start_epoch: int, end_epoch: EndEpoch) -> None:
+    """Epochs start_epoch+1 .. train.epochs in the configured style; `end_epoch` is called after each."""
+    if start_epoch >= run.cfg.train.epochs:
+        return
+    if run.cfg.train.mode == "fit":
+        _fit(run, start_epoch, end_epoch)
+    else:
+        _custom_loop(run, start_epoch, end_epoch)
+
+
 class _EpochLog(keras.callbacks.Callback):
     """fit's per-epoch hook: times the training part of the epoch and hands the logs to `end_epoch`."""
 
-    def __init__(self, end_epoch):
+    def __init__(self, end_epoch: EndEpoch):
         super().__init__()
         self.end_epoch = end_epoch
 
@@ -150,160 +380,13 @@ class _EpochLog(keras.callbacks.Callback):
         self.end_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()}, self.train_seconds or wall, wall)
 
 
-def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback | None = None,
-          strategy: tf.distribute.Strategy | None = None) -> ModelArtifact:
-    """Train (or reuse) the model for this config and dataset; returns the published ModelArtifact.
-
-    `strategy` is passed in by the multi-worker entry point, which must create it before any other TF op.
-    """
-    precision, precision_reason = resolve_precision(cfg.train.precision)
-    fp = train_fingerprint(cfg, dataset, precision)
-    root = cfg.artifacts.root
-    uri = join(root, STAGE, fp)
-    manifest = find_published(root, STAGE, fp)
-    if manifest is not None:
-        log.info("train cache hit: %s (trained %d epochs before)", uri, manifest["epochs"])
-        return model_artifact(uri, manifest, cache_hit=True)
-
-    tc = cfg.train
-    if tc.local_workers and strategy is None:
-        from tasks.cluster import run_local_workers
-
-        return run_local_workers(cfg)
-    strategy = strategy or make_strategy(tc)
-    chief, worker_index = worker_role(strategy)
-    replicas = strategy.num_replicas_in_sync
-    if tc.batch_size % replicas:
-        raise PipelineError(f"train.batch_size={tc.batch_size} does not split evenly over {replicas} replicas: "
-                            f"use a multiple of {replicas}")
-    per_replica = tc.batch_size // replicas
-    devices = strategy_devices(strategy)
-    log.info("precision %s (%s); %s over %d replica(s) %s, global batch %d = %d per replica", precision,
-             precision_reason, strategy_name(strategy), replicas, devices, tc.batch_size, per_replica)
-    keras.utils.set_random_seed(tc.seed)
-    if tc.deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-    label_mode = LABEL_MODES[tc.loss]
-    if is_multi_worker(strategy):  # each worker reads its own part of the cache
-        train_ds = per_worker_dataset_fn(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
-                                         seed=tc.seed, label_mode=label_mode)
-        val_ds = per_worker_dataset_fn(dataset, "validation", tc.batch_size, label_mode=label_mode)
-    else:
-        train_ds = make_dataset(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed,
-                                label_mode=label_mode)
-        val_ds = make_dataset(dataset, "validation", tc.batch_size, label_mode=label_mode)
-
-    work = join(root, STAGE, f".work-{fp}")
-    model, optimizer = build_for_training(cfg, dataset, strategy, precision)  # a bad model config fails here
-    tf.io.gfile.makedirs(work)
-    with strategy.scope():
-        completed = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, completed_epochs=completed)
-    # Every worker saves (TF's multi-worker checkpointing needs all of them); only the chief's copy is kept.
-    own = work if chief else join(work, f".worker-{worker_index}")
-    manager = tf.train.CheckpointManager(checkpoint, join(own, "checkpoints"), max_to_keep=2)
-    history_path = join(work, "history.json")
-    history: list[dict] = []
-    latest = tf.train.latest_checkpoint(join(work, "checkpoints"))  # the chief's, on every worker
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-        history = read_json(history_path)["epochs"] if tf.io.gfile.exists(history_path) else []
-        history = history[: int(completed.numpy())]
-        log.info("resuming from checkpoint %s: %d of %d epochs already done", latest, int(completed.numpy()), tc.epochs)
-    start_epoch = int(completed.numpy())
-    summary_writer = tf.summary.create_file_writer(join(own, "tensorboard"))
-    train_count = dataset.counts["train"]
-
-    def end_epoch(epoch: int, logs: dict, train_seconds: float, wall_seconds: float) -> None:
-        record = {"epoch": epoch + 1, **{k: float(logs[k]) for k in logs},
-                  "train_seconds": train_seconds, "wall_seconds": wall_seconds,
-                  "images_per_second": train_count / max(train_seconds, 1e-9)}
-        history.append(record)
-        completed.assign(epoch + 1)
-        manager.save(checkpoint_number=epoch + 1)
-        if not chief:
-            return
-        write_json_atomic(history_path, {"epochs": history})
-        with summary_writer.as_default(step=epoch + 1):
-            for key, value in logs.items():
-                tf.summary.scalar(key, value)
-        summary_writer.flush()
-        log.info("epoch %d/%d: %s, %.0f images/s", epoch + 1, tc.epochs,
-                 ", ".join(f"{k}={logs[k]:.4f}" for k in sorted(logs)), record["images_per_second"])
-        if on_epoch is not None:
-            on_epoch({**record, "epochs": tc.epochs})
-
-    started = time.perf_counter()
-    run_epochs(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch)
-    seconds = time.perf_counter() - started
-
-    final = {k: history[-1][k] for k in history[-1] if k.split("val_")[-1] in METRIC_NAMES}
-    body = {
-        "dataset_fingerprint": dataset.fingerprint, "model_path": "model.keras", "saved_model_path": "saved_model",
-        "history_path": "history.json", "tensorboard_dir": "tensorboard", "mode": tc.mode,
-        "strategy": strategy_name(strategy), "devices": devices, "replicas": replicas,
-        "global_batch_size": tc.batch_size, "per_replica_batch_size": per_replica, "precision": precision,
-        "precision_reason": precision_reason, "epochs": tc.epochs, "resumed_from_epoch": start_epoch,
-        "final_metrics": final, "image_shape": dataset.image_shape, "num_classes": dataset.num_classes,
-        "label_names": dataset.label_names, "loss": tc.loss, "config": cfg.model_dump(mode="json"),
-    }
-
-    def write(tmp: str) -> dict:
-        model.save(join(tmp, "model.keras"))
-        model.export(join(tmp, "saved_model"), verbose=False)
-        write_json_atomic(join(tmp, "history.json"), {
-            "epochs": history, "precision": precision, "precision_reason": precision_reason, "mode": tc.mode,
-            "replicas": replicas, "devices": devices, "global_batch_size": tc.batch_size,
-            "per_replica_batch_size": per_replica, "resumed_from_epoch": start_epoch, "seconds_this_run": seconds})
-        summary_writer.close()
-        shutil.copytree(join(work, "tensorboard"), join(tmp, "tensorboard"))
-        return body
-
-    log.info("final weights sha256 %s (worker %d)", weights_digest(model), worker_index)
-    if chief:
-        manifest = publish(root, STAGE, fp, write)
-    else:  # the documented multi-worker pattern: non-chief workers save too, to a temporary place, then drop it
-        summary_writer.close()
-        model.save(join(own, "model.keras"))
-        remove_tree(own)
-    if is_multi_worker(strategy):
-        barrier(strategy)  # the chief has published when every worker gets past this
-        manifest = find_published(root, STAGE, fp)
-        if manifest is None:
-            raise PipelineError(f"worker {worker_index}: the chief did not publish {uri}: check the chief's log")
-    if chief:
-        remove_tree(work)
-        log.info("model published: %s", uri)
-    return model_artifact(uri, manifest, cache_hit=False)
-
-
-def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
-                       precision: str) -> tuple[keras.Model, keras.optimizers.Optimizer]:
-    """Model and optimizer, both created inside the strategy scope (the optimizer built, as the custom loop needs)."""
-    with strategy.scope():
-        model = build_model(cfg.model, dataset.image_shape, dataset.num_classes, cfg.train.loss, precision)
-        optimizer = make_optimizer(cfg, precision)
-        optimizer.build(model.trainable_variables)
-    return model, optimizer
-
-
-def run_epochs(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch) -> None:
-    """Epochs start_epoch+1 .. train.epochs in the configured style; `end_epoch` is called after each."""
-    if start_epoch >= cfg.train.epochs:
-        return
-    if cfg.train.mode == "fit":
-        _fit(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch)
-    else:
-        _custom_loop(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch)
-
-
-def _fit(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch) -> None:
-    tc = cfg.train
-    with strategy.scope():
-        model.compile(optimizer=optimizer, loss=make_loss(tc.loss), metrics=make_metrics(tc.loss, dataset.num_classes))
-    model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=start_epoch,
-              callbacks=[_EpochLog(end_epoch)], shuffle=False, verbose=0)  # the reader shuffles
+def _fit(run: TrainingRun, start_epoch: int, end_epoch: EndEpoch) -> None:
+    tc = run.cfg.train
+    with run.strategy.scope():
+        run.model.compile(optimizer=run.optimizer, loss=make_loss(tc.loss),
+                          metrics=make_metrics(tc.loss, run.dataset.num_classes))
+    run.model.fit(run.train_data, validation_data=run.val_data, epochs=tc.epochs, initial_epoch=start_epoch,
+                  callbacks=[_EpochLog(end_epoch)], shuffle=False, verbose=0)  # the reader shuffles
 
 
 def distribute(strategy: tf.distribute.Strategy, data):
@@ -321,56 +404,70 @@ def weights_digest(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def _custom_loop(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, start_epoch, end_epoch) -> None:
-    """The seed's expert loop: loss object, Mean/accuracy metrics, @tf.function steps, run per replica."""
-    tc = cfg.train
-    with strategy.scope():
-        loss_object = make_loss(tc.loss, reduction=None)  # per-example: averaged over the global batch below
-        train_loss = keras.metrics.Mean(name="train_loss")
-        test_loss = keras.metrics.Mean(name="test_loss")
-        train_metrics = make_metrics(tc.loss, dataset.num_classes)
-        test_metrics = make_metrics(tc.loss, dataset.num_classes, prefix="val_")
-    scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+class CustomSteps:
+    """The seed's expert-loop pieces: a per-example loss object, Mean and accuracy metrics, and the train and
+    test steps, each run on every replica through `strategy.run`."""
 
-    def step(images, labels):
+    def __init__(self, run: TrainingRun):
+        self.run = run
+        tc = run.cfg.train
+        with run.strategy.scope():
+            self.loss_object = make_loss(tc.loss, reduction=None)  # per example: averaged over the global batch
+            self.train_loss = keras.metrics.Mean(name="train_loss")
+            self.test_loss = keras.metrics.Mean(name="test_loss")
+            self.train_metrics = make_metrics(tc.loss, run.dataset.num_classes)
+            self.test_metrics = make_metrics(tc.loss, run.dataset.num_classes, prefix="val_")
+        self.scale_loss = isinstance(run.optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def step(self, images, labels):
+        model, optimizer = self.run.model, self.run.optimizer
         with tf.GradientTape() as tape:
             predictions = model(images, training=True)
-            per_example = loss_object(labels, predictions)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=tc.batch_size)
-            scaled = optimizer.scale_loss(loss) if scale_loss else loss
+            per_example = self.loss_object(labels, predictions)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.run.cfg.train.batch_size)
+            scaled = optimizer.scale_loss(loss) if self.scale_loss else loss
         gradients = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        train_loss.update_state(per_example)
-        for metric in train_metrics:
+        self.train_loss.update_state(per_example)
+        for metric in self.train_metrics:
             metric.update_state(labels, predictions)
 
-    def test(images, labels):
-        predictions = model(images, training=False)
-        test_loss.update_state(loss_object(labels, predictions))
-        for metric in test_metrics:
+    def test(self, images, labels):
+        predictions = self.run.model(images, training=False)
+        self.test_loss.update_state(self.loss_object(labels, predictions))
+        for metric in self.test_metrics:
             metric.update_state(labels, predictions)
 
     @tf.function(reduce_retracing=True)  # the last, smaller batch must not trigger a retrace per epoch
-    def train_step(images, labels):
-        strategy.run(step, args=(images, labels))
+    def train_step(self, images, labels):
+        self.run.strategy.run(self.step, args=(images, labels))
 
     @tf.function(reduce_retracing=True)
-    def test_step(images, labels):
-        strategy.run(test, args=(images, labels))
+    def test_step(self, images, labels):
+        self.run.strategy.run(self.test, args=(images, labels))
 
-    all_metrics = [train_loss, test_loss, *train_metrics, *test_metrics]
-    for epoch in range(start_epoch, tc.epochs):
-        for metric in all_metrics:
+    def reset(self) -> None:
+        for metric in [self.train_loss, self.test_loss, *self.train_metrics, *self.test_metrics]:
             metric.reset_state()
+
+    def results(self) -> dict[str, float]:
+        logs = {"loss": self.train_loss.result(), "val_loss": self.test_loss.result(),
+                **{m.name: m.result() for m in self.train_metrics + self.test_metrics}}
+        return {k: float(v) for k, v in logs.items()}
+
+
+def _custom_loop(run: TrainingRun, start_epoch: int, end_epoch: EndEpoch) -> None:
+    """The seed's expert loop: epochs of train steps, then test steps, then the seed's epoch line."""
+    steps = CustomSteps(run)
+    for epoch in range(start_epoch, run.cfg.train.epochs):
+        steps.reset()
         started = time.perf_counter()
-        for images, labels in distribute(strategy, train_ds):
-            train_step(images, labels)
+        for images, labels in distribute(run.strategy, run.train_data):
+            steps.train_step(images, labels)
         train_seconds = time.perf_counter() - started
-        for images, labels in distribute(strategy, val_ds):
-            test_step(images, labels)
-        logs = {"loss": train_loss.result(), "val_loss": test_loss.result(),
-                **{m.name: m.result() for m in train_metrics + test_metrics}}
-        logs = {k: float(v) for k, v in logs.items()}
+        for images, labels in distribute(run.strategy, run.val_data):
+            steps.test_step(images, labels)
+        logs = steps.results()
         print(f"Epoch {epoch + 1}, Loss: {logs['loss']}, Accuracy: {logs['accuracy'] * 100}, "
               f"Test Loss {logs['val_loss']}, Test Accuracy: {logs['val_accuracy'] * 100}", flush=True)
         end_epoch(epoch, logs, train_seconds, time.perf_counter() - started)

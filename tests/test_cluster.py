@@ -16,7 +16,7 @@ import yaml
 from tasks.cluster import free_port, worker_env
 from tasks.ingest import ingest
 from tasks.reader import decode_batch, per_worker_dataset_fn
-from tasks.train import load_model
+from tasks.model import load_model
 from tests.conftest import REPO, invoke_cli, make_config, run_cli
 
 

@@ -13,7 +13,8 @@ import tensorflow as tf
 from tasks.devices import HardwareProbe, make_strategy, resolve_precision
 from tasks.errors import PipelineError
 from tasks.ingest import ingest
-from tasks.train import load_model, make_optimizer, train
+from tasks.model import load_model
+from tasks.train import make_optimizer, train
 from tests.conftest import REPO, make_config
 
 

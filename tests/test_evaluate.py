@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tasks.errors import PipelineError
-from tasks.evaluate import CHAMPION_FILE, classification_metrics, evaluate, gate, read_champion
+from tasks.champion import CHAMPION_FILE, read_champion
+from tasks.evaluate import classification_metrics, evaluate, gate
 from tasks.ingest import ingest
 from tasks.train import train
 from tests.conftest import invoke_cli, make_config

@@ -9,7 +9,7 @@ import pytest
 from tasks.evaluate import evaluate
 from tasks.errors import PipelineError
 from tasks.predict import predict
-from tasks.train import load_model
+from tasks.model import load_model
 from tests.conftest import MNIST, invoke_cli, mnist_arrays, write_parquet_source
 
 

@@ -13,7 +13,8 @@ import tensorflow as tf
 from tasks.devices import make_strategy
 from tasks.ingest import ingest
 from tasks.reader import make_dataset
-from tasks.train import LABEL_MODES, build_for_training, load_model, make_loss, run_epochs, train
+from tasks.model import load_model
+from tasks.train import make_loss, run_epochs, start_run, train
 from tests.conftest import REPO, invoke_cli, make_config, mnist_arrays, write_parquet_source
 
 
@@ -30,15 +31,13 @@ def test_two_replicas_reduce_the_loss_and_stay_identical(root, mode, capsys):
     dataset = ingest(cfg.data, cfg.artifacts.root)
     strategy = make_strategy(cfg.train)
     assert strategy.num_replicas_in_sync == 2
-    model, optimizer = build_for_training(cfg, dataset, strategy, "float32")
+    run = start_run(cfg, dataset, strategy, ("float32", "set by the test"), "test")
+    model = run.model
     x, y = next(iter(make_dataset(dataset, "train", 256)))
     loss = make_loss(cfg.train.loss)
     before = float(loss(y, model(x, training=False)))
     records = []
-    train_ds = make_dataset(dataset, "train", 64, shuffle_buffer=1000, seed=1)
-    val_ds = make_dataset(dataset, "validation", 64)
-    run_epochs(model, optimizer, strategy, cfg, dataset, train_ds, val_ds, 0,
-               lambda epoch, logs, train_s, wall_s: records.append((epoch, logs)))
+    run_epochs(run, 0, lambda epoch, logs, train_s, wall_s: records.append((epoch, logs)))
     after = float(loss(y, model(x, training=False)))
     assert after < before * 0.85, (before, after)
     assert [e for e, _ in records] == [0, 1]

@@ -1,0 +1,72 @@
+"""One worker of a multi-worker training run: `python -m tasks.worker CONFIG_FILE`, its TF_CONFIG saying which.
+
+The chief (worker 0) ingests and names the dataset cache to the others over a collective; every worker trains
+the custom loop on its own part of the cache; the chief publishes the model. All workers must see the same
+`artifacts.root`. `train.local_workers=N` starts N of these (tasks/cluster.py) and reads the published model
+from the artifact store; `tfpipe train` and `tfpipe run` on a host with TF_CONFIG run the same two steps.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pipeline_config import ConfigError, PipelineConfig, load_config
+from tasks.artifacts import DatasetArtifact, read_manifest
+from tasks.cluster import broadcast_text, lost_worker_errors, multi_worker_strategy, worker_role
+from tasks.errors import PipelineError
+from tasks.ingest import dataset_artifact, ingest
+
+
+def ingest_on_cluster(cfg: PipelineConfig) -> DatasetArtifact:
+    """The chief ingests; every other worker gets the cache it names (the strategy is created first of all)."""
+    strategy = multi_worker_strategy(cfg.train)
+    chief, index = worker_role(strategy)
+    with lost_worker_errors(strategy, cfg.train.collective_timeout_s):
+        if chief:
+            try:
+                dataset = ingest(cfg.data, cfg.artifacts.root)
+            except PipelineError as exc:
+                broadcast_text(strategy, "error:" + str(exc)[:900])
+                raise
+            broadcast_text(strategy, dataset.uri)
+            return dataset
+        named = broadcast_text(strategy, None)
+    if named.startswith("error:"):
+        raise PipelineError(f"worker {index}: the chief could not ingest the data ({named[6:]})")
+    manifest = read_manifest(named)
+    if manifest is None:
+        raise PipelineError(f"worker {index} cannot find the dataset cache {named} that the chief named: every "
+                            "worker must see the same artifacts.root (a shared filesystem path)")
+    return dataset_artifact(named, manifest, cache_hit=True)
+
+
+def ingest_for(cfg: PipelineConfig) -> DatasetArtifact:
+    """The dataset for a training run: ingested here, or under multi_worker through the chief."""
+    if cfg.train.strategy == "multi_worker":
+        return ingest_on_cluster(cfg)
+    return ingest(cfg.data, cfg.artifacts.root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tasks import configure_logging
+    from tasks.devices import configure_devices
+    from tasks.train import train
+
+    configure_logging()
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = load_config(args[0] if args else None)
+        if cfg.train.strategy != "multi_worker":
+            raise ConfigError("config error: train.strategy: a worker runs with multi_worker")
+        configure_devices(cfg.train)  # the strategy, before any other TensorFlow op
+        train(cfg, ingest_on_cluster(cfg))
+    except (ConfigError, PipelineError) as exc:
+        print(f"tfpipe: {'' if isinstance(exc, ConfigError) else 'error: '}{exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
