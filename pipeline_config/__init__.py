@@ -159,7 +159,7 @@ class PredictConfig(Section):
 
 
 class ArtifactsConfig(Section):
-    root: str = "./artifacts"
+    root: str = Field("./artifacts", validate_default=True)
 
     @field_validator("root")
     @classmethod

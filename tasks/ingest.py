@@ -23,7 +23,7 @@ from tasks.images import (check_numpy_images, decode_images, decode_labels, iter
 
 log = logging.getLogger("tfpipe.ingest")
 
-INGEST_CODE_VERSION = "2"  # 2: the source hash covers each file's sha256
+INGEST_CODE_VERSION = "2"  # 2: shuffled by NumPy (independent of TF's global seed); per-file sha256 source hash
 STAGE = "ingest"
 EMBEDDED_MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist"
 # Keys of `data` that change what is written. The reader-only keys (shuffle_buffer) do not.
@@ -285,12 +285,11 @@ class ExampleEncoder:
 
 def write_tfrecord_shards(directory: str, split: str, x: np.ndarray, y: np.ndarray, shards: int,
                           shuffle_seed: int | None) -> list[dict]:
-    """Write (x, y) as `shards` TFRecord files; shuffled once first when `shuffle_seed` is given."""
+    """Write (x, y) as `shards` TFRecord files; shuffled once first when `shuffle_seed` is given (by NumPy, so
+    the cache's content depends on the seed alone, not on TensorFlow's global random state)."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=False)
+    order = np.random.default_rng(shuffle_seed).permutation(len(x)) if shuffle_seed is not None else np.arange(len(x))
     shards = max(1, min(shards, len(x)))
     bounds = np.linspace(0, len(x), shards + 1).astype(int)  # contiguous, near-equal shard sizes
     names = [f"{split}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
@@ -298,8 +297,9 @@ def write_tfrecord_shards(directory: str, split: str, x: np.ndarray, y: np.ndarr
     encoder = ExampleEncoder(int(np.prod(x.shape[1:])))
     index = 0
     shard = 0
-    for images, labels in ds.batch(4096).as_numpy_iterator():
-        for image, label in zip(images, labels.tolist()):
+    for start in range(0, len(x), 4096):
+        rows = order[start: start + 4096]
+        for image, label in zip(x[rows], y[rows].tolist()):
             while index >= bounds[shard + 1]:
                 shard += 1
             writers[shard].write(encoder.encode(image.tobytes(), label))

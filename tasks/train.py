@@ -33,7 +33,7 @@ from tasks.reader import make_dataset, per_worker_dataset_fn
 
 log = logging.getLogger("tfpipe.train")
 
-TRAIN_CODE_VERSION = "1"
+TRAIN_CODE_VERSION = "2"  # 2: epoch k shuffled by train.seed + k (exact resume)
 STAGE = "train"
 LABEL_MODES = {"sparse_categorical_crossentropy": "sparse", "categorical_crossentropy": "categorical",
                "binary_crossentropy": "binary"}
@@ -149,8 +149,8 @@ class TrainingRun:
     work: str
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    train_data: Any  # a tf.data.Dataset, or under multi_worker a function each worker builds its part with
-    val_data: Any
+    train_input: Callable[[int], Any]  # epoch -> that epoch's input (shuffled by train.seed + epoch)
+    val_data: Any  # a tf.data.Dataset, or under multi_worker a function each worker builds its part with
 
     @property
     def chief(self) -> bool:
@@ -244,21 +244,25 @@ def start_run(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distri
     keras.utils.set_random_seed(tc.seed)
     if tc.deterministic:
         tf.config.experimental.enable_op_determinism()
-    train_data, val_data = training_inputs(cfg, dataset, strategy)
+    train_input, val_data = training_inputs(cfg, dataset, strategy)
     model, optimizer = build_for_training(cfg, dataset, strategy, precision[0])
     return TrainingRun(cfg, dataset, strategy, precision[0], precision[1], work_dir(cfg.artifacts.root, fp), model,
-                       optimizer, train_data, val_data)
+                       optimizer, train_input, val_data)
 
 
-def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy) -> tuple[Any, Any]:
-    """(train, validation) inputs: pipelines over the whole cache, or under multi_worker dataset functions that
-    give each worker its own part of it."""
+def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
+                    strategy: tf.distribute.Strategy) -> tuple[Callable[[int], Any], Any]:
+    """(epoch -> training input, validation input): pipelines over the whole cache, or under multi_worker dataset
+    functions that give each worker its own part of it. Each epoch's shuffle is seeded by train.seed + epoch, so a
+    resumed run reads epoch k in the same order as an uninterrupted one."""
     tc = cfg.train
     make = per_worker_dataset_fn if is_multi_worker(strategy) else make_dataset
-    train_data = make(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed,
-                      label_mode=LABEL_MODES[tc.loss])
-    val_data = make(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss])
-    return train_data, val_data
+
+    def train_input(epoch: int):
+        return make(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed + epoch,
+                    label_mode=LABEL_MODES[tc.loss])
+
+    return train_input, make(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss])
 
 
 def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
@@ -299,7 +303,12 @@ class EpochRecorder:
         self.history: list[dict] = []
         with run.strategy.scope():
             self.completed = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
-        self.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, completed_epochs=self.completed)
+        # Dropout's random state is not part of the model's checkpoint graph: saved beside it, a resumed run
+        # draws the same masks as an uninterrupted one.
+        rng = {f"rng_{i}": v for i, v in enumerate(run.model.non_trainable_variables)
+               if v.name == "seed_generator_state"}
+        self.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, completed_epochs=self.completed,
+                                              **rng)
         tf.io.gfile.makedirs(run.worker_dir)
         self.manager = tf.train.CheckpointManager(self.checkpoint, join(run.worker_dir, "checkpoints"), max_to_keep=2)
         self.history_path = join(run.work, "history.json")
@@ -381,12 +390,14 @@ class _EpochLog(keras.callbacks.Callback):
 
 
 def _fit(run: TrainingRun, start_epoch: int, end_epoch: EndEpoch) -> None:
+    """compile + fit, one epoch per fit call so that each epoch reads its own input (see training_inputs)."""
     tc = run.cfg.train
     with run.strategy.scope():
         run.model.compile(optimizer=run.optimizer, loss=make_loss(tc.loss),
                           metrics=make_metrics(tc.loss, run.dataset.num_classes))
-    run.model.fit(run.train_data, validation_data=run.val_data, epochs=tc.epochs, initial_epoch=start_epoch,
-                  callbacks=[_EpochLog(end_epoch)], shuffle=False, verbose=0)  # the reader shuffles
+    for epoch in range(start_epoch, tc.epochs):
+        run.model.fit(run.train_input(epoch), validation_data=run.val_data, epochs=epoch + 1, initial_epoch=epoch,
+                      callbacks=[_EpochLog(end_epoch)], shuffle=False, verbose=0)  # the reader shuffles
 
 
 def distribute(strategy: tf.distribute.Strategy, data):
@@ -462,7 +473,7 @@ def _custom_loop(run: TrainingRun, start_epoch: int, end_epoch: EndEpoch) -> Non
     for epoch in range(start_epoch, run.cfg.train.epochs):
         steps.reset()
         started = time.perf_counter()
-        for images, labels in distribute(run.strategy, run.train_data):
+        for images, labels in distribute(run.strategy, run.train_input(epoch)):
             steps.train_step(images, labels)
         train_seconds = time.perf_counter() - started
         for images, labels in distribute(run.strategy, run.val_data):

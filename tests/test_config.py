@@ -74,3 +74,29 @@ def test_cli_rejects_bad_config_with_exit_2_before_any_work(tmp_path):
     assert lines == ["tfpipe: config error: train.epoch: unknown key (did you mean epochs?)"]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_schema_holds_every_default_and_default_yaml_is_a_copy_of_it():
+    from pipeline_config import PipelineConfig
+
+    from_yaml = PipelineConfig.model_validate(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()))
+    assert from_yaml.model_dump(mode="json") == PipelineConfig().model_dump(mode="json")
+
+
+def test_config_with_no_file_builds_the_seed_model():
+    from pipeline_config import PipelineConfig
+    from tasks.model import build_model
+
+    model = build_model(PipelineConfig().model, [28, 28, 1], 10, "sparse_categorical_crossentropy")
+    assert model.count_params() == 697_386  # the seed's basic_cnn on MNIST
+    assert [type(layer).__name__ for layer in model.layers].count("Conv2D") == 4
+
+
+@pytest.mark.parametrize("overrides, mode", [
+    ([], "fit"),
+    (["train.strategy=multi_worker"], "custom"),
+    (["train.local_workers=2"], "custom"),
+    (["train.mode=custom"], "custom"),
+])
+def test_auto_mode_resolves_to_the_style_that_runs(overrides, mode):
+    assert load_config(overrides=overrides).train.mode == mode

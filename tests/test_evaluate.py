@@ -96,3 +96,38 @@ def test_cli_evaluate_json(tmp_path):
     assert evaluation["blessed"] is False and evaluation["champion_after"] is None
     assert evaluation["reasons"][0]["check"] == "min_accuracy" and evaluation["reasons"][0]["passed"] is False
     assert evaluation["metrics"]["count"] == 300
+
+
+def test_champion_is_re_measured_on_a_different_test_split(tmp_path):
+    from tasks.model import load_model
+    from tests.conftest import mnist_arrays
+
+    root = tmp_path / "artifacts"
+    base = ["train.batch_size=64", "evaluate.min_accuracy=0.3", "evaluate.max_regression=0.0", "train.epochs=2"]
+    cfg = make_config(root, "data.limit=600", *base)
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    champion = evaluate(cfg, dataset, train(cfg, dataset))
+    assert champion.blessed
+
+    other_cfg = make_config(root, "data.limit=400", *base, "train.epochs=1")  # another dataset: other test rows
+    other = ingest(other_cfg.data, other_cfg.artifacts.root)
+    assert other.fingerprint != dataset.fingerprint
+    challenger = evaluate(other_cfg, other, train(other_cfg, other))
+    manifest = json.load(open(f"{challenger.uri}/manifest.json"))
+    assert manifest["compared_with"] == f"champion {champion.model_fingerprint[:12]} re-measured"
+    x, y = mnist_arrays("test", 400)
+    probs = load_model(f"{root}/train/{champion.model_fingerprint}/model.keras").predict(x / 255.0, verbose=0)
+    regression = [r for r in challenger.reasons if r.check == "max_regression"][0]
+    assert regression.threshold == pytest.approx(float((probs.argmax(1) == y).mean()))
+    assert regression.passed == (challenger.metrics["accuracy"] >= regression.threshold)
+
+
+def test_failing_min_macro_f1_refuses_the_model(trained):
+    cfg, dataset, model = trained
+    strict = make_config(cfg.artifacts.root, "data.limit=1200", "train.epochs=2", "train.batch_size=64",
+                         "evaluate.min_accuracy=0.0", "evaluate.min_macro_f1=0.999")
+    evaluation = evaluate(strict, dataset, model)
+    assert not evaluation.blessed
+    failed = [r for r in evaluation.reasons if not r.passed]
+    assert [(r.check, r.metric) for r in failed] == [("min_macro_f1", "macro_f1")]
+    assert failed[0].observed == pytest.approx(evaluation.metrics["macro_f1"]) and failed[0].threshold == 0.999

@@ -132,6 +132,16 @@ def test_serve_runs_on_demand_prediction_and_schedules_training(prefect_server, 
                               "--watch", "--watch-timeout", "240"], env=env, capture_output=True, text=True, timeout=300)
         assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
         assert pq.read_table(second).num_rows == 10000
+
+        # the scheduled training deployment, run now with the caller's overrides
+        trained_root = tmp_path / "scheduled"
+        run = run_deployment("training-pipeline/scheduled-training", timeout=300, parameters={
+            "overrides": {**TINY, "artifacts.root": str(trained_root)}})
+        assert run.state.is_completed(), run.state
+        assert run.parameters["overrides"]["data.limit"] == 300
+        models = [p for p in (trained_root / "train").iterdir() if not p.name.startswith(".")]
+        assert len(models) == 1 and (models[0] / "model.keras").is_file()
+        assert set(task_states(run.id).values()) == {"Completed"}
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         try:
@@ -167,3 +177,50 @@ def test_cli_run_prints_the_summary(prefect_server, tmp_path):
     assert any(line.startswith("predictions: ") and "(300 rows)" in line for line in lines)
     model_line = next(line for line in lines if line.startswith("model: "))
     assert model_line.split()[1].endswith("model.keras") and (tmp_path / "a" / "train").is_dir()
+
+
+def test_tfpipe_run_without_a_server_uses_a_temporary_one_and_reports_not_blessed(tmp_path):
+    """The Quickstart path: no PREFECT_API_URL, Prefect starts its temporary server for the run. A gate that
+    refuses the model is a normal outcome: exit 0, the decision and no predictions."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    sets = {**TINY, "artifacts.root": str(tmp_path / "a"), "evaluate.min_accuracy": 0.99}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[1].startswith("gate: NOT blessed (min_accuracy: accuracy ") and "< 0.9900" in lines[1]
+    assert "champion: none" in lines and "predictions: none (no champion)" in lines
+    assert "Starting temporary server" in proc.stderr or "temporary server" in proc.stderr.lower()
+    assert not (tmp_path / "a" / "champion.json").exists() and not (tmp_path / "a" / "predict").exists()
+
+
+def test_tfpipe_run_as_two_multi_worker_workers(prefect_server, tmp_path):
+    """`tfpipe run` on each host of a cluster (TF_CONFIG set): both workers train, the chief evaluates."""
+    from tasks.cluster import free_port, worker_env
+
+    root = tmp_path / "artifacts"
+    sets = {**TINY, "artifacts.root": str(root), "train.strategy": "multi_worker", "train.batch_size": 40,
+            "train.collective_timeout_s": 60}
+    args = [sys.executable, "-m", "flows.cli", "run", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    ports = [free_port(), free_port()]
+    procs = [subprocess.Popen(args, cwd=REPO, env={**worker_env(ports, i), "PREFECT_API_URL": prefect_server},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "Collective ops must be configured" not in err
+    chief_out, worker_out = outputs[0][0], outputs[1][0]
+    assert "\ntest accuracy: " in chief_out and "predictions: " in chief_out
+    assert chief_out.startswith("Epoch 1, Loss: ")  # the custom loop's seed line, in the terminal only
+    assert "trained as one worker; the chief evaluates" in worker_out
+    models = [p.name for p in (root / "train").iterdir() if not p.name.startswith(".")]
+    assert len(models) == 1 and models[0] in worker_out and models[0] in chief_out
+    assert json.load(open(root / "train" / models[0] / "manifest.json"))["replicas"] == 2

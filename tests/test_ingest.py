@@ -1,3 +1,4 @@
+import hashlib
 import io
 import re
 import json
@@ -51,7 +52,8 @@ def test_embedded_mnist_round_trips_record_for_record(root):
     assert sorted_rows(np.concatenate([tx, vx]), np.concatenate([ty, vy])) == sorted_rows(x_train, y_train)
     manifest = json.load(open(f"{dataset.uri}/manifest.json"))
     assert manifest["splits"]["test"]["class_histogram"] == np.bincount(y_test, minlength=10).tolist()
-    assert all(len(s["sha256"]) == 64 for s in manifest["splits"]["train"]["shards"])
+    for shard in manifest["splits"]["train"]["shards"]:
+        assert shard["sha256"] == hashlib.sha256(open(f"{dataset.uri}/{shard['file']}", "rb").read()).hexdigest()
     assert sum(s["count"] for s in manifest["splits"]["train"]["shards"]) == 900
 
 
@@ -156,9 +158,9 @@ def test_reader_batches_scaled_floats_and_one_hot(root):
 
 
 def assert_clean_failure(root, *overrides, match):
-    """The CLI fails with one line naming the problem, no traceback, and nothing under the artifact root."""
+    """The CLI fails with exit 1 and one line naming the problem, no traceback, and nothing under the root."""
     code, out, err = invoke_cli("ingest", "--set", f"artifacts.root={root}", *[a for o in overrides for a in ("--set", o)])
-    assert code != 0
+    assert code == 1, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tfpipe: "), err
     assert re.search(match, lines[0]), lines[0]

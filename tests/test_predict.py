@@ -24,6 +24,7 @@ def champion(trained):
 
 def test_predictions_equal_model_predict_and_keep_row_order(champion, tmp_path):
     cfg, _, model, _ = champion
+    cfg = cfg.model_copy(deep=True)  # the session's config stays as it is
     table = pq.read_table(MNIST / "test.parquet").slice(0, 700)
     src = tmp_path / "in.parquet"
     pq.write_table(table, src, row_group_size=128)
@@ -63,6 +64,7 @@ def test_champion_accuracy_on_the_test_rows_equals_the_evaluation(champion, tmp_
 
 def test_key_columns_npz_and_cache_inputs(champion, tmp_path):
     cfg, dataset, model, _ = champion
+    cfg = cfg.model_copy(deep=True)  # the session's config stays as it is
     x, y = mnist_arrays("test", 50)
     src = tmp_path / "keyed.parquet"
     pq.write_table(pa.table({"image": pa.array([r.tobytes() for r in x.reshape(50, -1)], pa.binary(784)),
@@ -73,7 +75,6 @@ def test_key_columns_npz_and_cache_inputs(champion, tmp_path):
     result = pq.read_table(out)
     assert result.column_names[0] == "sample_id" and result.column("sample_id").to_pylist() == [f"s{i}" for i in range(50)]
     cfg.predict.key_columns = []
-
     npz = tmp_path / "x.npz"
     np.savez(npz, x=x[:, :, :, 0])
     from_npz = pq.read_table(predict(cfg, model.uri, str(npz), str(tmp_path / "npz.parquet")).output)
@@ -135,3 +136,28 @@ def test_bad_inputs_leave_no_output(champion, tmp_path):
     bad_predict(cfg, tmp_path, garbage, "not a readable Parquet file")
 
     bad_predict(cfg, tmp_path, tmp_path / "missing.parquet", "does not exist")
+
+
+def test_cli_predict_by_fingerprint_prefix_unblessed_in_float32(champion, tmp_path):
+    from tasks.predict import with_dtype_policy
+    from tasks.train import train
+    from tests.conftest import make_config
+
+    cfg, dataset, _, _ = champion
+    other = train(make_config(cfg.artifacts.root, "data.limit=1200", "train.epochs=1", "train.batch_size=128"), dataset)
+    src = tmp_path / "in.parquet"
+    pq.write_table(pq.read_table(MNIST / "test.parquet").slice(0, 64), src)
+    out = tmp_path / "out.parquet"
+    args = ["predict", "--set", f"artifacts.root={cfg.artifacts.root}", "--model", other.fingerprint[:10],
+            "--input", str(src), "--output", str(out), "--set", "predict.precision=float32"]
+    code, _, err = invoke_cli(*args)
+    assert code == 1 and "was not blessed" in err and not out.exists()
+    code, stdout, err = invoke_cli(*args, "--allow-unblessed", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["model_fingerprint"] == other.fingerprint
+    x, _ = mnist_arrays("test", 64)
+    f32 = with_dtype_policy(load_model(f"{other.uri}/model.keras"), "float32")
+    assert f32.layers[1].compute_dtype == "float32"
+    expected = f32.predict(x.astype(np.float32) / 255.0, verbose=0)
+    probs = np.array(pq.read_table(out).column("probabilities").to_pylist(), np.float32)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
