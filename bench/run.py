@@ -196,6 +196,11 @@ def main() -> None:
         status = "reported" if f["ok"] is None else ("met" if f["ok"] else "MISSED")
         print(f"| {f['figure']} | {f['value']:.3f} {f['unit']} | {f['target'] or ''} | {status} |")
     print(f"\nwrote {path} in {total:.0f}s")
+    if not quick:  # the README's Performance table comes from the newest full run
+        from bench.readme import update_readme
+
+        update_readme(path)
+        print("README.md Performance table updated")
     shutil.rmtree(work, ignore_errors=True)
 
 
