@@ -11,6 +11,7 @@ from __future__ import annotations
 import flows  # noqa: F401  (environment defaults before TensorFlow and Prefect load)
 
 import contextlib
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -46,13 +47,15 @@ def _guarded(fn, as_json: bool = False):
 
     With --json, anything the stages print (the custom loop's epoch lines) goes to stderr: stdout is the JSON.
     """
-    from tasks.errors import PipelineError
+    from tasks.errors import PipelineError, Stopped
 
     try:
         with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout):
             return fn()
     except ConfigError as exc:
         _fail(str(exc), 2)
+    except Stopped as exc:
+        _fail(str(exc), 128 + signal.SIGTERM)  # the shell's code for a process ended by SIGTERM
     except PipelineError as exc:
         _fail(f"error: {exc}", 1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,6 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
+
+from tasks.errors import CorruptArtifact, PipelineError, environment_error
+
+log = logging.getLogger("tfpipe.artifacts")
 
 MANIFEST = "manifest.json"
 
@@ -84,8 +89,9 @@ def find_published(root: str, stage: str, fingerprint: str) -> dict | None:
     return read_manifest(stage_dir(root, stage, fingerprint))
 
 
-def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict]) -> dict:
-    """Run `write(tmp_dir)`, which fills the directory and returns the manifest body, then publish.
+def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict], replace: bool = False) -> dict:
+    """Run `write(tmp_dir)`, which fills the directory and returns the manifest body, then publish. `replace`
+    removes a published output of the same fingerprint first (one that failed verification).
 
     On any failure the temporary directory is removed and directories this call created are pruned, so
     a failed stage leaves nothing behind under the root.
@@ -100,7 +106,7 @@ def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict
         manifest = {**body, "stage": stage, "fingerprint": fingerprint, "created": time.time(), "complete": True}
         write_json_atomic(join(tmp, MANIFEST), manifest)  # last: it marks the directory complete
         if gfile.exists(final):
-            if read_manifest(final) is not None:  # another run published the same content first
+            if read_manifest(final) is not None and not replace:  # another run published the same content first
                 gfile.rmtree(tmp)
                 return read_manifest(final)
             gfile.rmtree(final)  # a leftover without a complete manifest is never reused
@@ -123,16 +129,49 @@ class Published:
 
 def reuse_or_publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict],
                      verify: Callable[[str, dict], None] | None = None) -> Published:
-    """The one reuse-or-publish path of every stage: the published output of `fingerprint` when there is one
-    (checked by `verify`, which raises when it cannot be trusted), else `write` it into a temporary directory
-    and publish that."""
+    """The one reuse-or-publish path of every stage: the published output of `fingerprint` when there is one,
+    else `write` it into a temporary directory and publish that, holding the fingerprint's lease meanwhile (a
+    concurrent run of the same work waits, then reuses it). `verify` raises CorruptArtifact when a published
+    output cannot be trusted: it is then rebuilt, with a warning."""
+    from tasks.lease import stage_lease
+
     uri = stage_dir(root, stage, fingerprint)
-    manifest = find_published(root, stage, fingerprint)
+    manifest = _trusted(uri, find_published(root, stage, fingerprint), verify)
     if manifest is not None:
-        if verify is not None:
-            verify(uri, manifest)
         return Published(uri, manifest, cache_hit=True)
-    return Published(uri, publish(root, stage, fingerprint, write), cache_hit=False)
+    try:
+        with stage_lease(root, stage, fingerprint):
+            published = find_published(root, stage, fingerprint)  # another run may have published it meanwhile
+            manifest = _trusted(uri, published, verify)
+            if manifest is not None:
+                return Published(uri, manifest, cache_hit=True)
+            remove_dead_attempts(root, stage, fingerprint)
+            return Published(uri, publish(root, stage, fingerprint, write, replace=published is not None), False)
+    except Exception as exc:  # OSError, and TensorFlow's I/O errors (tf.errors.OpError)
+        translated = None if isinstance(exc, PipelineError) else environment_error(exc, f"writing the {stage} output under {root}")
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def _trusted(uri: str, manifest: dict | None, verify: Callable[[str, dict], None] | None) -> dict | None:
+    if manifest is None or verify is None:
+        return manifest
+    try:
+        verify(uri, manifest)
+    except CorruptArtifact as exc:
+        log.warning("%s: it is derived data, rebuilding it", exc)
+        return None
+    return manifest
+
+
+def remove_dead_attempts(root: str, stage: str, fingerprint: str) -> None:
+    """Temporary directories of earlier attempts at this output. Called under its lease: whoever wrote them is
+    gone (killed before it could clean up)."""
+    gfile = _gfile()
+    for leftover in gfile.glob(join(root, stage, f".tmp-{fingerprint[:16]}-*")):
+        log.info("removing %s, left by an attempt that did not finish", leftover)
+        remove_tree(leftover)
 
 
 def remove_tree(path: str) -> None:

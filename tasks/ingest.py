@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline_config import DataConfig, fingerprint
 from tasks.artifacts import DatasetArtifact, file_sha256, join, reuse_or_publish
-from tasks.errors import PipelineError, first_line
+from tasks.errors import CorruptArtifact, PipelineError, first_line
 from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, load_npz,
                           normalise_shape, open_parquet, parquet_files, schema_metadata)
 
@@ -320,7 +320,7 @@ def verify_shards(uri: str, manifest: dict) -> None:
                 actual = None
             if actual != shard["sha256"]:
                 problem = "is missing" if actual is None else "fails its sha256 check"
-                raise PipelineError(f"cached shard {path} {problem}: delete {uri} and re-run ingest")
+                raise CorruptArtifact(f"cached shard {path} {problem}")
 
 
 def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifact:

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 from pipeline_config import ConfigError, ModelConfig
-from tasks.errors import first_line
+from tasks.errors import PipelineError, first_line
 
 LAYERS = {
     "Conv2D": keras.layers.Conv2D,
@@ -28,7 +28,22 @@ LAYERS = {
 
 def load_model(path: str) -> keras.Model:
     """A published model, for inference: safe mode (no Python code from the file), no training state."""
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        raise PipelineError(f"{path} contains Python code (a Lambda layer or a custom function), and tfpipe loads "
+                            "models only in Keras safe mode, which refuses it: use a model built from Keras layers "
+                            f"({first_line(exc, 120)})") from None
+
+
+def portable_copy(model: keras.Model) -> keras.Model:
+    """The model without its training-only state (compile config with tfpipe's custom metrics, optimizer), so
+    that plain `keras.saving.load_model` reads the saved file in any process."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:

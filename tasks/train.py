@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,8 +29,8 @@ from tasks.artifacts import (DatasetArtifact, ModelArtifact, Published, find_pub
                              reuse_or_publish, stage_dir, write_json_atomic)
 from tasks.cluster import barrier, is_multi_worker, lost_worker_errors, run_local_workers, worker_role
 from tasks.devices import make_strategy, resolve_precision, strategy_devices, strategy_name
-from tasks.errors import PipelineError
-from tasks.model import build_model
+from tasks.errors import PipelineError, Stopped
+from tasks.model import build_model, portable_copy
 from tasks.reader import make_dataset, per_worker_dataset_fn
 
 log = logging.getLogger("tfpipe.train")
@@ -40,7 +42,6 @@ LABEL_MODES = {"sparse_categorical_crossentropy": "sparse", "categorical_crossen
 METRIC_NAMES = ("loss", "accuracy", "precision", "recall")
 
 EpochCallback = Callable[[dict], None]
-EndEpoch = Callable[[int, dict, float, float], None]  # (epoch, logs, train seconds, wall seconds)
 
 
 @keras.saving.register_keras_serializable(package="tfpipe")
@@ -127,6 +128,29 @@ def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: 
                         "shuffle_buffer": cfg.data.shuffle_buffer, "code": TRAIN_CODE_VERSION})
 
 
+class StopRequest:
+    """SIGTERM (what Kubernetes, `prefect flow-run cancel` and `kill` send) asks training to stop at the next
+    step, save a checkpoint and exit. Installed while training runs, in the main thread only (where Python
+    delivers signals); under multi_worker the workers stop together through the collective timeout instead."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous = None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning("%s received: stopping at the next step, after saving a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def model_artifact(uri: str, manifest: dict, cache_hit: bool) -> ModelArtifact:
     fields = {k: manifest[k] for k in ModelArtifact.model_fields if k in manifest and k not in ("uri", "cache_hit")}
     return ModelArtifact(uri=uri, cache_hit=cache_hit, **fields)
@@ -149,9 +173,9 @@ class TrainingRun:
     work: str
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    train_input: Callable[[int], Any]  # epoch -> that epoch's input (shuffled by train.seed + epoch)
+    train_input: Callable[[int, int], Any]  # (epoch, batches to skip) -> that epoch's input, shuffled by seed + epoch
     val_data: Any  # a tf.data.Dataset, or under multi_worker a function each worker builds its part with
-
+    stop: StopRequest
     @property
     def chief(self) -> bool:
         return worker_role(self.strategy)[0]
@@ -247,20 +271,24 @@ def start_run(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distri
     train_input, val_data = training_inputs(cfg, dataset, strategy)
     model, optimizer = build_for_training(cfg, dataset, strategy, precision[0])
     return TrainingRun(cfg, dataset, strategy, precision[0], precision[1], work_dir(cfg.artifacts.root, fp), model,
-                       optimizer, train_input, val_data)
+                       optimizer, train_input, val_data, StopRequest())
 
 
 def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
-                    strategy: tf.distribute.Strategy) -> tuple[Callable[[int], Any], Any]:
-    """(epoch -> training input, validation input): pipelines over the whole cache, or under multi_worker dataset
-    functions that give each worker its own part of it. Each epoch's shuffle is seeded by train.seed + epoch, so a
-    resumed run reads epoch k in the same order as an uninterrupted one."""
+                    strategy: tf.distribute.Strategy) -> tuple[Callable[[int, int], Any], Any]:
+    """((epoch, skip) -> training input, validation input): pipelines over the whole cache, or under multi_worker
+    dataset functions that give each worker its own part of it. Each epoch's shuffle is seeded by train.seed +
+    epoch, so a resumed run reads epoch k in the same order as an uninterrupted one, and a run stopped in the
+    middle of an epoch resumes by skipping the batches it had trained on."""
     tc = cfg.train
     make = per_worker_dataset_fn if is_multi_worker(strategy) else make_dataset
 
-    def train_input(epoch: int):
-        return make(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed + epoch,
+    def train_input(epoch: int, skip: int = 0):
+        data = make(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed + epoch,
                     label_mode=LABEL_MODES[tc.loss])
+        if not skip:
+            return data
+        return data.skip(skip) if isinstance(data, tf.data.Dataset) else (lambda context: data(context).skip(skip))
 
     return train_input, make(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss])
 
@@ -278,9 +306,10 @@ def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: 
 def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -> dict:
     """Resume, train the remaining epochs, save the model into `out`; returns the manifest body."""
     recorder = EpochRecorder(run, on_epoch)
-    start_epoch = recorder.resume()
+    start_epoch, start_step = recorder.resume()
     started = time.perf_counter()
-    run_epochs(run, start_epoch, recorder.end_epoch)
+    with run.stop:
+        run_epochs(run, start_epoch, start_step, recorder)
     log.info("final weights sha256 %s (worker %d)", weights_digest(run.model), worker_role(run.strategy)[1])
     save_outputs(run, recorder, out, {"resumed_from_epoch": start_epoch,
                                       "seconds_this_run": time.perf_counter() - started})
@@ -295,47 +324,60 @@ def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -
 
 
 class EpochRecorder:
-    """Checkpoints and history: restores the last completed epoch, and after every epoch records it, saves a
-    checkpoint and (on the chief) writes history.json and TensorBoard scalars, logs one line and calls `on_epoch`."""
+    """Checkpoints and history: restores the last checkpoint, and after every epoch records it, saves a
+    checkpoint and (on the chief) writes history.json and TensorBoard scalars, logs one line and calls `on_epoch`.
+    `interrupt` saves a checkpoint in the middle of an epoch (a stop signal) and raises Stopped."""
 
     def __init__(self, run: TrainingRun, on_epoch: EpochCallback | None = None):
         self.run, self.on_epoch = run, on_epoch
         self.history: list[dict] = []
         with run.strategy.scope():
             self.completed = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
+            self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_into_epoch")
         # Dropout's random state is not part of the model's checkpoint graph: saved beside it, a resumed run
         # draws the same masks as an uninterrupted one.
         rng = {f"rng_{i}": v for i, v in enumerate(run.model.non_trainable_variables)
                if v.name == "seed_generator_state"}
         self.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, completed_epochs=self.completed,
-                                              **rng)
+                                              steps_into_epoch=self.steps, **rng)
         tf.io.gfile.makedirs(run.worker_dir)
         self.manager = tf.train.CheckpointManager(self.checkpoint, join(run.worker_dir, "checkpoints"), max_to_keep=2)
         self.history_path = join(run.work, "history.json")
         self.summary_writer = tf.summary.create_file_writer(join(run.worker_dir, "tensorboard"))
 
-    def resume(self) -> int:
-        """Restore the chief's last checkpoint (on every worker); returns the number of epochs already done."""
+    def resume(self) -> tuple[int, int]:
+        """Restore the chief's last checkpoint (on every worker): (epochs done, batches done of the next one)."""
         latest = tf.train.latest_checkpoint(join(self.run.work, "checkpoints"))
         if not latest:
-            return 0
+            return 0, 0
         self.checkpoint.restore(latest).assert_existing_objects_matched()
-        done = int(self.completed.numpy())
+        done, steps = int(self.completed.numpy()), int(self.steps.numpy())
         history = read_json(self.history_path)["epochs"] if tf.io.gfile.exists(self.history_path) else []
         self.history = history[:done]
-        log.info("resuming from checkpoint %s: %d of %d epochs already done", latest, done, self.run.cfg.train.epochs)
-        return done
+        log.info("resuming from checkpoint %s: %d of %d epochs already done%s", latest, done,
+                 self.run.cfg.train.epochs, f", and {steps} batches of epoch {done + 1}" if steps else "")
+        return done, steps
+
+    def interrupt(self, epoch: int, steps: int) -> None:
+        """Save a checkpoint `steps` batches into `epoch` and stop (raises Stopped)."""
+        self.steps.assign(steps)
+        path = self.manager.save(checkpoint_number=epoch + 1)
+        name = signal.Signals(self.run.stop.signal).name
+        raise Stopped(f"training stopped by {name} in epoch {epoch + 1}/{self.run.cfg.train.epochs} after "
+                              f"{steps} batches; checkpoint saved ({path}): run the same command again to resume")
 
     def end_epoch(self, epoch: int, logs: dict, train_seconds: float, wall_seconds: float) -> None:
         train_count = self.run.dataset.counts["train"]
         record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}, "train_seconds": train_seconds,
                   "wall_seconds": wall_seconds, "images_per_second": train_count / max(train_seconds, 1e-9)}
         self.history.append(record)
+        if self.run.chief:  # before the checkpoint: history.json always covers the epochs a checkpoint says are done
+            write_json_atomic(self.history_path, {"epochs": self.history})
         self.completed.assign(epoch + 1)
+        self.steps.assign(0)
         self.manager.save(checkpoint_number=epoch + 1)
         if not self.run.chief:
             return
-        write_json_atomic(self.history_path, {"epochs": self.history})
         with self.summary_writer.as_default(step=epoch + 1):
             for key, value in logs.items():
                 tf.summary.scalar(key, value)
@@ -352,52 +394,74 @@ class EpochRecorder:
 
 def save_outputs(run: TrainingRun, recorder: EpochRecorder, out: str, extra: dict) -> None:
     """model.keras, the SavedModel export, history.json and the TensorBoard logs, into `out`."""
-    run.model.save(join(out, "model.keras"))
-    run.model.export(join(out, "saved_model"), verbose=False)
+    model = portable_copy(run.model)  # loads with plain keras.saving.load_model, custom metrics left behind
+    model.save(join(out, "model.keras"))
+    model.export(join(out, "saved_model"), verbose=False)
     write_json_atomic(join(out, "history.json"), {"epochs": recorder.history, **run.facts(), **extra})
     recorder.close()
     shutil.copytree(join(run.worker_dir, "tensorboard"), join(out, "tensorboard"))
 
 
-def run_epochs(run: TrainingRun, start_epoch: int, end_epoch: EndEpoch) -> None:
-    """Epochs start_epoch+1 .. train.epochs in the configured style; `end_epoch` is called after each."""
+def run_epochs(run: TrainingRun, start_epoch: int, start_step: int, recorder: EpochRecorder) -> None:
+    """Epochs start_epoch+1 .. train.epochs in the configured style, the first from batch `start_step` on;
+    `recorder.end_epoch` after each, `recorder.interrupt` when a stop signal arrives."""
     if start_epoch >= run.cfg.train.epochs:
         return
     if run.cfg.train.mode == "fit":
-        _fit(run, start_epoch, end_epoch)
+        _fit(run, start_epoch, start_step, recorder)
     else:
-        _custom_loop(run, start_epoch, end_epoch)
+        _custom_loop(run, start_epoch, start_step, recorder)
 
 
 class _EpochLog(keras.callbacks.Callback):
-    """fit's per-epoch hook: times the training part of the epoch and hands the logs to `end_epoch`."""
+    """fit's hooks: times the training part of the epoch and hands the logs to the recorder; on a stop signal,
+    ends fit after the current batch and leaves the unfinished epoch unrecorded."""
 
-    def __init__(self, end_epoch: EndEpoch):
+    def __init__(self, run: TrainingRun, recorder: EpochRecorder, skipped: int):
         super().__init__()
-        self.end_epoch = end_epoch
+        self.run, self.recorder, self.batches = run, recorder, skipped
+        self.per_epoch = -(-run.dataset.counts["train"] // run.cfg.train.batch_size)
+
+    @property
+    def unfinished(self) -> bool:
+        """A stop signal ended the epoch's training early."""
+        return self.run.stop.signal is not None and self.batches < self.per_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
         self.train_seconds = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        if self.run.stop.signal is not None:
+            self.model.stop_training = True
 
     def on_test_begin(self, logs=None):
         if self.train_seconds is None:
             self.train_seconds = time.perf_counter() - self.started
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.unfinished:
+            return
         wall = time.perf_counter() - self.started
-        self.end_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()}, self.train_seconds or wall, wall)
+        self.recorder.end_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()}, self.train_seconds or wall, wall)
 
 
-def _fit(run: TrainingRun, start_epoch: int, end_epoch: EndEpoch) -> None:
+def _fit(run: TrainingRun, start_epoch: int, start_step: int, recorder: EpochRecorder) -> None:
     """compile + fit, one epoch per fit call so that each epoch reads its own input (see training_inputs)."""
     tc = run.cfg.train
     with run.strategy.scope():
         run.model.compile(optimizer=run.optimizer, loss=make_loss(tc.loss),
                           metrics=make_metrics(tc.loss, run.dataset.num_classes))
     for epoch in range(start_epoch, tc.epochs):
-        run.model.fit(run.train_input(epoch), validation_data=run.val_data, epochs=epoch + 1, initial_epoch=epoch,
-                      callbacks=[_EpochLog(end_epoch)], shuffle=False, verbose=0)  # the reader shuffles
+        if run.stop.signal is not None:
+            recorder.interrupt(epoch, 0)
+        skip = start_step if epoch == start_epoch else 0
+        hook = _EpochLog(run, recorder, skip)
+        run.model.fit(run.train_input(epoch, skip), validation_data=run.val_data, epochs=epoch + 1,
+                      initial_epoch=epoch, callbacks=[hook], shuffle=False, verbose=0)  # the reader shuffles
+        if hook.unfinished:
+            recorder.interrupt(epoch, hook.batches)
 
 
 def distribute(strategy: tf.distribute.Strategy, data):
@@ -467,18 +531,22 @@ class CustomSteps:
         return {k: float(v) for k, v in logs.items()}
 
 
-def _custom_loop(run: TrainingRun, start_epoch: int, end_epoch: EndEpoch) -> None:
+def _custom_loop(run: TrainingRun, start_epoch: int, start_step: int, recorder: EpochRecorder) -> None:
     """The seed's expert loop: epochs of train steps, then test steps, then the seed's epoch line."""
     steps = CustomSteps(run)
     for epoch in range(start_epoch, run.cfg.train.epochs):
         steps.reset()
         started = time.perf_counter()
-        for images, labels in distribute(run.strategy, run.train_input(epoch)):
+        done = start_step if epoch == start_epoch else 0
+        for images, labels in distribute(run.strategy, run.train_input(epoch, done)):
+            if run.stop.signal is not None:
+                recorder.interrupt(epoch, done)
             steps.train_step(images, labels)
+            done += 1
         train_seconds = time.perf_counter() - started
         for images, labels in distribute(run.strategy, run.val_data):
             steps.test_step(images, labels)
         logs = steps.results()
         print(f"Epoch {epoch + 1}, Loss: {logs['loss']}, Accuracy: {logs['accuracy'] * 100}, "
               f"Test Loss {logs['val_loss']}, Test Accuracy: {logs['val_accuracy'] * 100}", flush=True)
-        end_epoch(epoch, logs, train_seconds, time.perf_counter() - started)
+        recorder.end_epoch(epoch, logs, train_seconds, time.perf_counter() - started)

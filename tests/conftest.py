@@ -69,6 +69,12 @@ def write_parquet_source(directory: Path, train: tuple, test: tuple, image_type:
     return directory
 
 
+def artifacts_under(root: Path) -> list[Path]:
+    """Every file under an artifact root except the lease files (`.leases/`), which are not artifacts."""
+    return [p for p in root.rglob("*") if p.is_file() and ".leases" not in p.relative_to(root).parts] \
+        if root.exists() else []
+
+
 @pytest.fixture
 def root(tmp_path) -> Path:
     return tmp_path / "artifacts"

@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from tasks.ingest import ingest
 from tasks.reader import make_dataset
 from tasks.model import load_model
 from tasks.train import make_loss, run_epochs, start_run, train
-from tests.conftest import REPO, invoke_cli, make_config, mnist_arrays, write_parquet_source
+from tests.conftest import REPO, invoke_cli, run_cli, make_config, mnist_arrays, write_parquet_source
 
 
 def replica_values(variable):
@@ -37,7 +38,15 @@ def test_two_replicas_reduce_the_loss_and_stay_identical(root, mode, capsys):
     loss = make_loss(cfg.train.loss)
     before = float(loss(y, model(x, training=False)))
     records = []
-    run_epochs(run, 0, lambda epoch, logs, train_s, wall_s: records.append((epoch, logs)))
+
+    class Recorder:  # what run_epochs reports to
+        def end_epoch(self, epoch, logs, train_seconds, wall_seconds):
+            records.append((epoch, logs))
+
+        def interrupt(self, epoch, steps):
+            raise AssertionError("no stop signal was sent")
+
+    run_epochs(run, 0, 0, Recorder())
     after = float(loss(y, model(x, training=False)))
     assert after < before * 0.85, (before, after)
     assert [e for e, _ in records] == [0, 1]
@@ -191,3 +200,39 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mod
         np.testing.assert_array_equal(x, y)
     history = json.load(open(f"{resumed.uri}/history.json"))["epochs"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_sigterm_saves_a_checkpoint_mid_epoch_and_the_rerun_resumes(root, mode):
+    """What Kubernetes and Prefect cancellation send: training stops at the next batch, saves a checkpoint in
+    the middle of the epoch, exits within 30 s with one line; the same command resumes from that batch."""
+    args = ["train", "--set", f"artifacts.root={root}", "--set", "data.limit=4000", "--set", "train.epochs=2",
+            "--set", "train.batch_size=32", "--set", f"train.mode={mode}", "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not list(root.glob("train/.work-*/checkpoints/checkpoint")):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(1.0)  # into epoch 2
+        proc.send_signal(signal.SIGTERM)
+        sent = time.time()
+        out, err = proc.communicate(timeout=60)
+        assert time.time() - sent < 30
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"tfpipe: training stopped by SIGTERM in epoch 2/2 after (\d+) batches; checkpoint saved "
+                        r"\(.*ckpt-2\): run the same command again to resume", last), last
+    steps = int(re.search(r"after (\d+) batches", last).group(1))
+    assert 0 < steps < 113 and "Traceback" not in err and out == ""  # 3600 images / 32 = 113 batches an epoch
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    artifact = json.loads(rerun.stdout)
+    assert artifact["resumed_from_epoch"] == 1 and f"and {steps} batches of epoch 2" in rerun.stderr
+    history = json.load(open(f"{artifact['uri']}/history.json"))
+    assert [h["epoch"] for h in history["epochs"]] == [1, 2]
