@@ -11,6 +11,7 @@ from __future__ import annotations
 import flows  # noqa: F401  (environment defaults before TensorFlow and Prefect load)
 
 import contextlib
+import os
 import signal
 import sys
 from typing import Annotated, Optional
@@ -135,7 +136,8 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False)
     _setup(config, set)  # a bad config fails here, before Prefect starts
     from flows.training import training_pipeline
 
-    summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set)), json_out)
+    with _server_loss_is_one_line():
+        summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set)), json_out)
     if json_out:
         typer.echo(summary.model_dump_json(indent=2))
         return
@@ -152,6 +154,39 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False)
         f"report: {ev.uri}",
         f"took {summary.seconds:.1f}s",
     ]))
+
+
+@app.command()
+def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+       config: ConfigOpt = None, set: SetOpt = None) -> None:
+    """Remove what no run needs: dead temporary dirs, idle work dirs, free leases, old published outputs."""
+    from tasks import gc as collector
+
+    cfg = _setup(config, set)
+    removals = collector.plan(cfg.artifacts.root, cfg.artifacts)
+    for r in removals:
+        typer.echo(f"{'would remove' if dry_run else 'removing'} {r.path} ({r.bytes / 1e6:.1f} MB): {r.why}")
+    freed = sum(r.bytes for r in removals) if dry_run else collector.remove(removals)
+    typer.echo(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB in {len(removals)} item(s) under "
+               f"{cfg.artifacts.root}")
+
+
+@contextlib.contextmanager
+def _server_loss_is_one_line():
+    """A Prefect server that went away for good (after the client's retries): one line, exit 1, at once."""
+    import httpx
+
+    try:
+        yield
+    except httpx.TransportError as exc:
+        from prefect.settings import PREFECT_API_URL
+
+        typer.echo(f"tfpipe: error: lost the Prefect server at {PREFECT_API_URL.value() or 'its temporary address'} "
+                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the stages that finished "
+                   "published their outputs: re-run once the server is back and they are reused", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # else Prefect keeps retrying to ship logs and events to the lost server for minutes at exit
 
 
 def _overrides_dict(items: list[str] | None) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import dashboard
 from flows.stages import retry_transient
 from pipeline_config import load_config
 from tasks import predict as predict_stage
@@ -27,7 +27,8 @@ def batch_prediction(model: str = "champion", input: str = "data/mnist/test.parq
                      overrides: dict[str, Any] | None = None) -> PredictionArtifact:
     artifact = batch_predict_task(config_file, overrides, model, input, output, allow_unblessed)
     get_run_logger().info("wrote %d predictions to %s", artifact.rows, artifact.output)
-    create_markdown_artifact(key="batch-prediction", description="latest on-demand batch prediction", markdown=(
+    dashboard.markdown("batch-prediction", description="latest on-demand batch prediction", text=(
         f"# Batch prediction\n- model `{artifact.model_fingerprint[:12]}`\n- input `{artifact.input}`\n"
         f"- output `{artifact.output}`: {artifact.rows} rows, sha256 `{artifact.sha256[:16]}`\n"))
+    dashboard.drain()
     return artifact

@@ -8,11 +8,10 @@ a `Cached` state, so a re-run shows the skipped stages as Cached in the UI and i
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
+from flows import dashboard
 from pipeline_config import ConfigError, PipelineConfig
 from tasks import evaluate as evaluate_stage
 from tasks import predict as predict_stage
@@ -56,14 +55,9 @@ def ingest_task(cfg: PipelineConfig) -> DatasetArtifact:
 def train_task(cfg: PipelineConfig, dataset: DatasetArtifact) -> ModelArtifact:
     """Train under the configured strategy. Not retried here: an interrupted run resumes on the next flow run.
     The stage logs one line per epoch (forwarded into the run's logs); the task moves the progress artifact."""
-    progress_id = create_progress_artifact(progress=0.0, key="training-progress",
-                                           description=f"epochs of train.epochs={cfg.train.epochs}")
-
-    def on_epoch(record: dict) -> None:
-        update_progress_artifact(artifact_id=progress_id, progress=100.0 * record["epoch"] / record["epochs"])
-
-    model = train_stage.train(cfg, dataset, on_epoch=on_epoch)
-    update_progress_artifact(artifact_id=progress_id, progress=100.0)
+    progress = dashboard.progress("training-progress", f"epochs of train.epochs={cfg.train.epochs}")
+    model = train_stage.train(cfg, dataset, on_epoch=lambda r: progress(100.0 * r["epoch"] / r["epochs"]))
+    progress(100.0)
     return _finish(model, "train")
 
 
@@ -72,11 +66,11 @@ def evaluate_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArt
     """Test-split metrics and the promotion gate; publishes metric and confusion-matrix tables."""
     evaluation = evaluate_stage.evaluate(cfg, dataset, model)
     metrics = evaluation.metrics
-    create_table_artifact(key="evaluation-metrics", description="test-split metrics and gate checks", table=[
+    dashboard.table("evaluation-metrics", description="test-split metrics and gate checks", rows=[
         {"metric": k, "value": round(metrics[k], 6)} for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1")
     ] + [{"metric": f"gate {r.describe()}", "value": "pass" if r.passed else "FAIL"} for r in evaluation.reasons])
     names = class_names(dataset.label_names, len(metrics["confusion_matrix"]))
-    create_table_artifact(key="confusion-matrix", description="rows: true class, columns: predicted class", table=[
+    dashboard.table("confusion-matrix", description="rows: true class, columns: predicted class", rows=[
         {"true": names[i], **{names[j]: v for j, v in enumerate(row)}} for i, row in enumerate(metrics["confusion_matrix"])
     ])
     return evaluation
@@ -129,5 +123,5 @@ def report_task(dataset: DatasetArtifact, model: ModelArtifact, evaluation: Eval
                 prediction: PredictionArtifact | None) -> str:
     """The run report on the Artifacts page."""
     markdown = report_markdown(dataset, model, evaluation, prediction)
-    create_markdown_artifact(markdown=markdown, key="training-report", description="tfpipe training run report")
+    dashboard.markdown("training-report", markdown, description="tfpipe training run report")
     return markdown

@@ -8,8 +8,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from flows import dashboard
 from flows.stages import evaluate_task, ingest_task, predict_task, report_task, resolved, train_task
-from pipeline_config import load_config
+from pipeline_config import PipelineConfig, load_config
 from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact
 from tasks.cluster import cluster_from_env
 from tasks.devices import configure_devices
@@ -28,7 +29,13 @@ def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] 
     started = time.perf_counter()
     cfg = load_config(config_file, overrides)
     configure_devices(cfg.train)  # before the first TensorFlow op of this process (multi_worker: the strategy)
+    try:
+        return _stages(cfg, started)
+    finally:
+        dashboard.drain()  # the run's last dashboard updates land before it ends (bounded: the server may be gone)
 
+
+def _stages(cfg: PipelineConfig, started: float) -> RunSummary:
     # 1. ingest: the source becomes a verified, content-addressed TFRecord cache.
     dataset = ingest_task(cfg)
     # 2-3. model + train: build the configured CNN and train it under the distribution strategy.

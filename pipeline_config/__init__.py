@@ -160,6 +160,8 @@ class PredictConfig(Section):
 
 class ArtifactsConfig(Section):
     root: str = Field("./artifacts", validate_default=True)
+    keep_last: int = Field(3, ge=1, description="tfpipe gc keeps the newest N published outputs of each stage")
+    stale_work_hours: float = Field(24.0, gt=0, description="tfpipe gc removes training work dirs idle this long")
 
     @field_validator("root")
     @classmethod

@@ -41,7 +41,7 @@ def load_model(path: str) -> keras.Model:
 def portable_copy(model: keras.Model) -> keras.Model:
     """The model without its training-only state (compile config with tfpipe's custom metrics, optimizer), so
     that plain `keras.saving.load_model` reads the saved file in any process."""
-    copy = keras.models.clone_model(model)
+    copy = type(model).from_config(model.get_config())  # clone_model would copy the compile config too
     copy.set_weights(model.get_weights())
     return copy
 

@@ -172,7 +172,8 @@ def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path
     error nothing is left behind. Returns the number of rows."""
     created_parent = not output_path.parent.exists()
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.parent / f".{output_path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_dead_temp_files(output_path)
+    tmp = output_path.parent / f".{output_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     writer, rows = None, 0
     try:
         for images, keys in chunks:
@@ -199,6 +200,26 @@ def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path
             prune_empty(str(output_path.parent))
         raise
     return rows
+
+
+def remove_dead_temp_files(output_path: Path) -> None:
+    """Temporary files beside `output_path` that predict runs left when they were killed (their process is gone;
+    a live run's file stays)."""
+    for leftover in output_path.parent.glob(f".{output_path.name}.tmp-*"):
+        pid = leftover.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            log.info("removing %s, left by a predict run that did not finish", leftover)
+            leftover.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def input_hash(input_path: str) -> str:

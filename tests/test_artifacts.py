@@ -49,3 +49,45 @@ def test_directory_without_complete_manifest_is_not_reused(tmp_path):
     publish(str(root), "stage", "abc", lambda tmp: {"fresh": True})
     assert not (stale / "junk").exists()
     assert find_published(str(root), "stage", "abc")["fresh"] is True
+
+
+def test_a_full_disk_gives_one_line_and_publishes_nothing(tmp_path):
+    """The artifact root on a small tmpfs (a private mount namespace): ingest that does not fit, then training
+    whose checkpoints do not fit. Each fails with one line, exit 1, and nothing published."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    root = tmp_path / "small"
+    root.mkdir()
+    tfpipe = f"{sys.executable} -m flows.cli"
+    script = (f"mount -t tmpfs -o size=200k none {root} && {tfpipe} ingest --set artifacts.root={root} "
+              f"--set data.limit=300; echo ingest-exit $?; umount {root}; "
+              f"mount -t tmpfs -o size=1m none {root} && {tfpipe} train --set artifacts.root={root} "
+              f"--set data.limit=300 --set train.epochs=1; echo train-exit $?; find {root} -name manifest.json")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out, err = proc.stdout.splitlines(), [line for line in proc.stderr.splitlines() if line.startswith("tfpipe: ")]
+    assert "ingest-exit 1" in out and "train-exit 1" in out, proc.stdout + proc.stderr[-3000:]
+    for stage, line in zip(("ingest", "train"), err, strict=True):
+        assert line == (f"tfpipe: error: no space left on the device while writing the {stage} output under {root}: "
+                        "free space there, or point artifacts.root (TFPIPE_ARTIFACTS) at a larger disk; nothing "
+                        "partial was published")
+    assert "Traceback" not in proc.stderr
+    manifests = [line for line in out if line.endswith("manifest.json")]
+    assert len(manifests) == 1 and "/ingest/" in manifests[0]  # the second mount's ingest fitted; no model
+
+
+def test_a_rerun_removes_temporary_dirs_of_killed_attempts(tmp_path):
+    from tasks.artifacts import reuse_or_publish
+
+    root = tmp_path / "root"
+    dead = [root / "stage" / f".tmp-{'a' * 16}-{pid}-0000" for pid in (11, 12)]
+    for d in dead:
+        d.mkdir(parents=True)
+        (d / "partial").write_text("left by a killed run")
+    other = root / "stage" / f".tmp-{'b' * 16}-13-0000"  # another fingerprint's attempt: not ours to judge
+    other.mkdir()
+    published = reuse_or_publish(str(root), "stage", "a" * 64, lambda tmp: {"fresh": True})
+    assert not published.cache_hit and published.manifest["fresh"] is True
+    assert not any(d.exists() for d in dead) and other.exists()

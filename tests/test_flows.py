@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
@@ -224,3 +225,87 @@ def test_tfpipe_run_as_two_multi_worker_workers(prefect_server, tmp_path):
     models = [p.name for p in (root / "train").iterdir() if not p.name.startswith(".")]
     assert len(models) == 1 and models[0] in worker_out and models[0] in chief_out
     assert json.load(open(root / "train" / models[0] / "manifest.json"))["replicas"] == 2
+
+
+def start_server(home, port: int) -> subprocess.Popen:
+    """A Prefect server of its own (the session's cannot be killed), SQLite under `home`."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("the Prefect server did not start")
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_while_the_server_dies(tmp_path, restart: bool, env: dict) -> tuple[subprocess.CompletedProcess, float, str]:
+    """`tfpipe run` against a server that is killed once training has checkpointed its first epoch (and, with
+    `restart`, started again on the same port and database 3 s later). Returns (result, seconds, API URL)."""
+    from tasks.cluster import free_port
+
+    port, home, root = free_port(), tmp_path / "prefect-home", tmp_path / "artifacts"
+    server = start_server(home, port)
+    url = f"http://127.0.0.1:{port}/api"
+    sets = {"data.limit": 6000, "train.epochs": 4, "train.batch_size": 64, "artifacts.root": str(root)}
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]],
+                           cwd=REPO, env={**os.environ, **env, "PREFECT_API_URL": url, "PREFECT_HOME": str(home)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(root.glob("train/.work-*/checkpoints/checkpoint")):
+            assert run.poll() is None, run.communicate()[1][-3000:]
+            time.sleep(0.05)
+        kill_server(server)
+        killed = time.time()
+        if restart:
+            time.sleep(3)
+            server = start_server(home, port)
+        out, err = run.communicate(timeout=400)
+        return subprocess.CompletedProcess(run.args, run.returncode, out, err), time.time() - killed, url
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        if server.poll() is None:
+            kill_server(server)
+
+
+def published(root, stage: str) -> list:
+    return [p for p in (root / stage).iterdir() if (p / "manifest.json").exists()] if (root / stage).exists() else []
+
+
+def test_server_lost_for_good_the_stages_publish_and_the_run_exits_in_one_line(tmp_path):
+    # Few client retries, so the test does not wait out the default back-off (about a minute per call).
+    result, seconds, url = run_while_the_server_dies(tmp_path, restart=False, env={"PREFECT_CLIENT_MAX_RETRIES": "1"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tfpipe: error: lost the Prefect server at {url} (") and last.endswith(
+        "the stages that finished published their outputs: re-run once the server is back and they are reused")
+    assert seconds < 120
+    root = tmp_path / "artifacts"
+    assert len(published(root, "train")) == 1 and len(published(root, "ingest")) == 1  # training finished its work
+    assert not list((root / "train").glob(".work-*"))
+
+
+def test_server_restarted_within_a_minute_the_run_completes(tmp_path):
+    result, _, url = run_while_the_server_dies(tmp_path, restart=True, env={})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\ntest accuracy: " in "\n" + result.stdout and "gate: BLESSED" in result.stdout
+    server = start_server(tmp_path / "prefect-home", int(url.split(":")[2].split("/")[0]))
+    try:
+        runs = httpx.post(f"{url}/flow_runs/filter", json={}, timeout=10).json()
+        assert [(r["name"] != "", r["state_type"]) for r in runs] == [(True, "COMPLETED")]
+    finally:
+        kill_server(server)

@@ -161,3 +161,39 @@ def test_cli_predict_by_fingerprint_prefix_unblessed_in_float32(champion, tmp_pa
     expected = f32.predict(x.astype(np.float32) / 255.0, verbose=0)
     probs = np.array(pq.read_table(out).column("probabilities").to_pylist(), np.float32)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_a_model_with_python_code_is_refused_in_one_line(champion, tmp_path):
+    import shutil
+
+    import keras
+
+    cfg, _, model, _ = champion
+    untrusted = tmp_path / "untrusted"
+    shutil.copytree(model.uri, untrusted)  # a published model directory whose model.keras was swapped
+    inputs = keras.Input((28, 28, 1))
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2)(inputs)))
+    keras.Model(inputs, outputs).save(untrusted / "model.keras")
+    out = tmp_path / "p.parquet"
+    code, _, err = invoke_cli("predict", "--set", f"artifacts.root={cfg.artifacts.root}", "--model", str(untrusted),
+                              "--allow-unblessed", "--input", str(MNIST / "test.parquet"), "--output", str(out))
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"tfpipe: error: {untrusted}/model.keras contains Python code (a Lambda layer or a "
+                               "custom function), and tfpipe loads models only in Keras safe mode")
+    assert not out.exists()
+
+
+def test_predict_removes_temporary_files_of_killed_runs_only(champion, tmp_path):
+    import os
+
+    cfg = champion[0]
+    out = tmp_path / "preds.parquet"
+    dead = tmp_path / f".{out.name}.tmp-{2 ** 22 + 12345}-deadbeef"  # above the kernel's pid_max: no such process
+    alive = tmp_path / f".{out.name}.tmp-{os.getpid()}-cafecafe"  # a run that is still writing
+    dead.write_bytes(b"partial")
+    alive.write_bytes(b"partial")
+    src = tmp_path / "in.parquet"
+    pq.write_table(pq.read_table(MNIST / "test.parquet").slice(0, 10), src)
+    assert predict(cfg, "champion", str(src), str(out)).rows == 10
+    assert not dead.exists() and alive.exists()

@@ -236,3 +236,19 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_the_rerun_resumes(root, mode):
     assert artifact["resumed_from_epoch"] == 1 and f"and {steps} batches of epoch 2" in rerun.stderr
     history = json.load(open(f"{artifact['uri']}/history.json"))
     assert [h["epoch"] for h in history["epochs"]] == [1, 2]
+
+
+def test_published_model_loads_in_plain_keras_in_a_fresh_process(trained, tmp_path):
+    """model.keras as a team ships it: default load_model arguments, a process that imports nothing of tfpipe."""
+    _, _, artifact = trained
+    x = np.random.default_rng(0).random((3, 28, 28, 1), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = (f"import sys, json, numpy as np, keras\n"
+              f"model = keras.saving.load_model({artifact.uri + '/model.keras'!r})\n"
+              f"y = model.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0)\n"
+              f"assert not [m for m in sys.modules if m.split('.')[0] in ('tasks', 'flows', 'pipeline_config')]\n"
+              f"print(json.dumps(y.tolist()))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = load_model(f"{artifact.uri}/model.keras").predict(x, verbose=0)
+    np.testing.assert_allclose(np.array(json.loads(proc.stdout.strip().splitlines()[-1])), expected, atol=1e-6)

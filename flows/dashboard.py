@@ -1,0 +1,68 @@
+"""Best-effort dashboard reporting: progress bars, tables and markdown on the Prefect Artifacts page.
+
+A stage must never fail, nor wait, because the dashboard cannot be reached: every artifact call runs on one
+background thread, in order, in the Prefect run context it was made in. A failed call is logged once (per
+process) and the run goes on; `drain` gives queued calls a bounded time to land before the run ends.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Callable
+
+from prefect import artifacts
+
+log = logging.getLogger("tfpipe.dashboard")
+
+_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfpipe-dashboard")
+_pending: list[Future] = []
+_warned = False
+
+
+def _call(fn: Callable[..., Any], *args, **kwargs) -> Future:
+    def safely():
+        global _warned
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # the server is gone, or refused the artifact: the run goes on without it
+            if not _warned:
+                _warned = True
+                log.warning("dashboard update failed (%s: %s); the run goes on without dashboard updates",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            return None
+
+    context = contextvars.copy_context()  # the task run the artifact belongs to
+    future = _worker.submit(context.run, safely)
+    _pending.append(future)
+    return future
+
+
+def markdown(key: str, text: str, description: str) -> None:
+    _call(artifacts.create_markdown_artifact, markdown=text, key=key, description=description)
+
+
+def table(key: str, rows: list[dict], description: str) -> None:
+    _call(artifacts.create_table_artifact, table=rows, key=key, description=description)
+
+
+def progress(key: str, description: str) -> Callable[[float], None]:
+    """A progress artifact at 0%; returns the function that moves it (percent, 0-100)."""
+    created = _call(artifacts.create_progress_artifact, progress=0.0, key=key, description=description)
+
+    def update(percent: float) -> None:
+        def move():
+            artifact_id = created.result()
+            if artifact_id is not None:
+                artifacts.update_progress_artifact(artifact_id=artifact_id, progress=percent)
+
+        _call(move)
+
+    return update
+
+
+def drain(timeout: float = 30.0) -> None:
+    """Wait up to `timeout` seconds for the queued dashboard calls (a run's last updates)."""
+    wait(list(_pending), timeout=timeout)
+    _pending[:] = [f for f in _pending if not f.done()]

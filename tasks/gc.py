@@ -1,0 +1,109 @@
+"""Garbage collection of an artifact root: what no run needs any more.
+
+Removed: temporary directories of attempts that did not finish, training work directories nobody resumes
+(their model is published, or nobody touched them for `artifacts.stale_work_hours`), lease files nobody holds,
+and published outputs beyond the newest `artifacts.keep_last` of each stage that no champion-history entry
+needs (a champion's model, its dataset and its evaluation stay). Anything a live run holds the lease of stays.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline_config import ArtifactsConfig
+from tasks.artifacts import read_manifest
+from tasks.champion import read_champion
+from tasks.lease import LEASES, is_held
+
+STAGES = ("ingest", "train", "evaluate", "predict")
+
+
+@dataclass
+class Removal:
+    path: Path
+    bytes: int
+    why: str
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _held_prefix(root: str, stage: str, prefix: str) -> bool:
+    """Whether a live run holds a lease of `stage` whose fingerprint starts with `prefix`."""
+    leases = Path(root) / LEASES
+    return any(is_held(root, stage, lock.name[len(stage) + 1: -len(".lock")])
+               for lock in leases.glob(f"{stage}-{prefix}*.lock"))
+
+
+def needed_by_champions(root: str) -> set[str]:
+    """Fingerprints (of any stage) that the champion and its history point at."""
+    champion = read_champion(root) or {}
+    entries = ([champion["current"]] if champion.get("current") else []) + champion.get("history", [])
+    needed = set()
+    for entry in entries:
+        needed.update({entry["model_fingerprint"], entry.get("dataset_fingerprint", "")})
+        needed.add(Path(entry.get("evaluation_uri", "")).name)
+    return needed - {""}
+
+
+def _old_outputs(root: str, keep_last: int) -> list[Removal]:
+    needed = needed_by_champions(root)
+    kept_models = []
+    found = []
+    for stage in STAGES:
+        published = []
+        for d in (Path(root) / stage).glob("*"):
+            manifest = read_manifest(str(d)) if d.is_dir() and not d.name.startswith(".") else None
+            if manifest is not None:
+                published.append((manifest.get("created", 0), d, manifest))
+        published.sort(key=lambda item: item[0], reverse=True)
+        for rank, (_, d, manifest) in enumerate(published):
+            if rank < keep_last or d.name in needed:
+                if stage == "train":
+                    kept_models.append(manifest.get("dataset_fingerprint"))
+                continue
+            found.append((stage, d))
+    keep = needed | set(kept_models)  # a kept model keeps its dataset
+    return [Removal(d, size_of(d), f"published {stage} output older than the newest {keep_last}")
+            for stage, d in found if d.name not in keep and not _held_prefix(root, stage, d.name)]
+
+
+def plan(root: str, cfg: ArtifactsConfig) -> list[Removal]:
+    """What `tfpipe gc` removes under `root`, with sizes and reasons."""
+    base = Path(root)
+    removals = []
+    for stage in STAGES:
+        for tmp in (base / stage).glob(".tmp-*"):
+            prefix = tmp.name.split("-")[1]
+            if not _held_prefix(root, stage, prefix):
+                removals.append(Removal(tmp, size_of(tmp), "temporary directory of an attempt that did not finish"))
+    for work in (base / "train").glob(".work-*"):
+        fp = work.name.removeprefix(".work-")
+        published = read_manifest(str(base / "train" / fp)) is not None
+        idle_hours = (time.time() - max((p.stat().st_mtime for p in work.rglob("*")), default=work.stat().st_mtime)) / 3600
+        if not is_held(root, "train", fp) and (published or idle_hours > cfg.stale_work_hours):
+            why = "work directory of a published model" if published else f"work directory idle for {idle_hours:.0f} h"
+            removals.append(Removal(work, size_of(work), why))
+    removals += _old_outputs(root, cfg.keep_last)
+    for lock in (base / LEASES).glob("*.lock"):
+        stage, _, fp = lock.name.removesuffix(".lock").partition("-")
+        if not is_held(root, stage, fp):
+            removals.append(Removal(lock, size_of(lock), "lease nobody holds"))
+    return removals
+
+
+def remove(removals: list[Removal]) -> int:
+    """Remove what `plan` found; returns the bytes freed."""
+    for r in removals:
+        if r.path.is_dir():
+            shutil.rmtree(r.path, ignore_errors=True)
+        else:
+            r.path.unlink(missing_ok=True)
+            Path(f"{str(r.path).removesuffix('.lock')}.json").unlink(missing_ok=True)
+    return sum(r.bytes for r in removals)
