@@ -39,8 +39,8 @@ def ingest(args: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from bench.bare_keras import load
     from tasks.ingest import ingest as run_ingest
-    from tasks.ingest import load_source
     from tasks.reader import make_dataset
 
     tf.constant(0)  # TensorFlow's one-time start-up is not ingestion
@@ -54,9 +54,7 @@ def ingest(args: dict) -> dict:
     root = tempfile.mkdtemp()
     cfg = _config(root)
     dataset = run_ingest(cfg.data, cfg.artifacts.root)
-    x, y = load_source(cfg.data).splits["train"]
-    x = x[: dataset.counts["train"]].astype(np.float32) / 255.0  # the seed normalises the arrays up front
-    y = y[: dataset.counts["train"]]
+    x, y = load("train", dataset.counts["train"])  # normalised up front, as the seed does
 
     def drain(ds) -> float:
         started = time.perf_counter()
@@ -71,6 +69,22 @@ def ingest(args: dict) -> dict:
     return {"ingest_images_per_second": statistics.median(rates), "ingest_runs": rates,
             "reader_images_per_second": statistics.median(reader), "in_memory_images_per_second": statistics.median(memory),
             "images": sum(dataset.counts.values())}
+
+
+def ingest_scale(args: dict) -> dict:
+    """One ingest of a Parquet source into a fresh root: images/s and the process's peak RSS."""
+    import tensorflow as tf
+
+    from tasks.ingest import ingest as run_ingest
+
+    tf.constant(0)  # TensorFlow's one-time start-up is not ingestion
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _config(root, f"data.source=parquet:{args['source']}")
+        started = time.perf_counter()
+        dataset = run_ingest(cfg.data, cfg.artifacts.root)
+        seconds = time.perf_counter() - started
+    images = sum(dataset.counts.values())
+    return {"images": images, "seconds": seconds, "images_per_second": images / seconds, "peak_rss_mb": peak_rss_mb()}
 
 
 def train(args: dict) -> dict:
@@ -295,8 +309,8 @@ def predict_memory(args: dict) -> dict:
     return {"rows": result.rows, "peak_rss_mb": peak_rss_mb()}
 
 
-WORKERS = {"ingest": ingest, "train": train, "train_pairs": train_pairs, "op_profile": op_profile, "predict": predict,
-           "predict_memory": predict_memory}
+WORKERS = {"ingest": ingest, "ingest_scale": ingest_scale, "train": train, "train_pairs": train_pairs,
+           "op_profile": op_profile, "predict": predict, "predict_memory": predict_memory}
 
 if __name__ == "__main__":
     name, raw = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "{}"

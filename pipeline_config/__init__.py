@@ -66,6 +66,10 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(60000, ge=1)
     tfds_data_dir: str | None = None
     tfds_download: bool = False
+    ingest_batch_rows: int = Field(10000, ge=1, description="rows decoded and written at a time: bounds ingest memory")
+    split_key: str | None = Field(None, description="Parquet column hashed for the validation split (default: row index)")
+    verify_source: Literal["metadata", "full"] = Field(
+        "metadata", description="Parquet source hash: size, mtime and footer (metadata) or every byte (full)")
 
     @field_validator("source")
     @classmethod

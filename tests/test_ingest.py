@@ -37,7 +37,9 @@ def sorted_rows(x, y):
 def test_embedded_mnist_round_trips_record_for_record(root):
     cfg = make_config(root, "data.limit=1000", "data.shards=3")
     dataset = ingest(cfg.data, cfg.artifacts.root)
-    assert dataset.counts == {"train": 900, "validation": 100, "test": 1000}
+    counts = dataset.counts
+    assert counts["test"] == 1000 and counts["train"] + counts["validation"] == 1000
+    assert 60 <= counts["validation"] <= 140  # validation_fraction 0.1 of 1000 rows, by hash
     assert dataset.image_shape == [28, 28, 1] and dataset.num_classes == 10
     assert dataset.label_names == [str(i) for i in range(10)]
     assert len(dataset.shards["train"]) == 3
@@ -54,7 +56,7 @@ def test_embedded_mnist_round_trips_record_for_record(root):
     assert manifest["splits"]["test"]["class_histogram"] == np.bincount(y_test, minlength=10).tolist()
     for shard in manifest["splits"]["train"]["shards"]:
         assert shard["sha256"] == hashlib.sha256(open(f"{dataset.uri}/{shard['file']}", "rb").read()).hexdigest()
-    assert sum(s["count"] for s in manifest["splits"]["train"]["shards"]) == 900
+    assert sum(s["count"] for s in manifest["splits"]["train"]["shards"]) == counts["train"]
 
 
 def test_rerun_is_a_verified_cache_hit_and_corruption_is_caught(root, caplog):
@@ -146,9 +148,9 @@ def test_npz_source(root, tmp_path):
 
 def test_tfds_source_with_mock_data(root):
     cfg = make_config(root, "data.source=tfds:mnist")
-    with tfds.testing.mock_data(num_examples=12):
+    with tfds.testing.mock_data(num_examples=40):
         dataset = ingest(cfg.data, cfg.artifacts.root)
-    assert dataset.counts["test"] == 12 and dataset.counts["train"] + dataset.counts["validation"] == 12
+    assert dataset.counts["test"] == 40 and dataset.counts["train"] + dataset.counts["validation"] == 40
     assert dataset.image_shape == [28, 28, 1] and dataset.num_classes <= 10
     assert dataset.label_names == [str(i) for i in range(10)]
 
@@ -237,7 +239,8 @@ def test_cli_ingest_json_prints_dataset_artifact(root):
     code, out, err = invoke_cli("ingest", "--set", f"artifacts.root={root}", "--set", "data.limit=100", "--json")
     assert code == 0, err
     artifact = json.loads(out)
-    assert artifact["counts"] == {"train": 90, "validation": 10, "test": 100} and artifact["cache_hit"] is False
+    counts = artifact["counts"]
+    assert counts["test"] == 100 and counts["train"] + counts["validation"] == 100 and artifact["cache_hit"] is False
     code, out, _ = invoke_cli("ingest", "--set", f"artifacts.root={root}", "--set", "data.limit=100", "--json")
     assert json.loads(out)["cache_hit"] is True and json.loads(out)["fingerprint"] == artifact["fingerprint"]
 
@@ -273,3 +276,112 @@ def test_written_shards_hold_the_protobuf_examples(root):
     assert len(records) == 50
     for record, image, label in zip(records, x, y.tolist()):
         assert tf.train.Example.FromString(record) == tf.train.Example.FromString(protobuf_example(image, label))
+
+
+def many_row_groups(tmp_path, n: int, row_group: int, bad_row: int | None = None):
+    """A parquet: source of the first n MNIST train rows (test: 500 rows) in row groups of `row_group` rows."""
+    x, y = mnist_arrays("train", n)
+    images = [r.tobytes() for r in x.reshape(n, -1)]
+    if bad_row is not None:
+        images[bad_row] = images[bad_row][:700]
+    src = tmp_path / f"src-{n}-{bad_row}"
+    src.mkdir()
+    meta = {"image_shape": "[28, 28, 1]"}
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(y, pa.int64())})
+                   .replace_schema_metadata(meta), src / "train.parquet", row_group_size=row_group)
+    pq.write_table(pa.table({"image": pa.array(images[:500], pa.binary()), "label": pa.array(y[:500], pa.int64())})
+                   .replace_schema_metadata(meta), src / "test.parquet")
+    return src, x, y
+
+
+def test_streamed_ingest_keeps_every_record_once_with_a_hash_split(root, tmp_path):
+    src, x, y = many_row_groups(tmp_path, 20000, row_group=2000)
+    sets = [f"data.source=parquet:{src}", "data.ingest_batch_rows=3000", "data.shards=4"]
+    dataset = ingest(make_config(root, *sets).data, str(root))
+    tx, ty = read_split(dataset, "train")
+    vx, vy = read_split(dataset, "validation")
+    assert sorted_rows(np.concatenate([tx, vx]), np.concatenate([ty, vy])) == sorted_rows(x, y)  # each once
+    assert abs(len(vy) / 20000 - 0.1) < 0.01
+    manifest = json.load(open(f"{dataset.uri}/manifest.json"))
+    histogram = np.add(manifest["splits"]["train"]["class_histogram"], manifest["splits"]["validation"]["class_histogram"])
+    assert histogram.tolist() == np.bincount(y, minlength=10).tolist()
+    assert manifest["validation_split"]["method"] == "hash of row index"
+    assert manifest["validation_split"]["actual_fraction"] == len(vy) / 20000
+    assert manifest["source_hash_method"] == "file size, mtime and Parquet footer"
+    index = {r.tobytes(): i for i, r in enumerate(x.reshape(len(x), -1))}
+    for name in dataset.shards["train"]:  # every shard holds a mix of the whole input, start to end
+        sx, _ = read_records(f"{dataset.uri}/{name}", dataset.image_shape)
+        rows = [index[r.tobytes()] for r in sx.reshape(len(sx), -1)]
+        assert len(rows) > 3000 and min(rows) < 100 and max(rows) > 19900
+    # deterministic: another root, another batch size, the same bytes
+    again = ingest(make_config(tmp_path / "other", *sets[:1], "data.ingest_batch_rows=777", "data.shards=4").data,
+                   str(tmp_path / "other"))
+    assert again.fingerprint == dataset.fingerprint
+    other = json.load(open(f"{again.uri}/manifest.json"))
+    assert [s["sha256"] for s in other["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
+
+
+def read_records(path: str, shape: list[int]):
+    raw = tf.data.TFRecordDataset([path]).batch(100000)
+    images, labels = zip(*[decode_batch(s, shape) for s in raw])
+    return np.concatenate([i.numpy() for i in images]), np.concatenate([l.numpy() for l in labels])
+
+
+def test_split_key_hashes_a_column(root, tmp_path):
+    x, y = mnist_arrays("train", 300)
+    src = write_parquet_source(tmp_path / "src", (x, y), (x[:20], y[:20]), metadata={"image_shape": "[28, 28, 1]"})
+    table = pq.read_table(src / "train.parquet")
+    pq.write_table(table.append_column("patient", pa.array([f"p{i // 3}" for i in range(300)])), src / "train.parquet")
+    dataset = ingest(make_config(root, f"data.source=parquet:{src}", "data.split_key=patient",
+                                 "data.validation_fraction=0.3").data, str(root))
+    vx, _ = read_split(dataset, "validation")
+    rows = {r.tobytes(): i for i, r in enumerate(x.reshape(300, -1))}
+    patients = {rows[r.tobytes()] // 3 for r in vx.reshape(len(vx), -1)}
+    assert len(vx) == 3 * len(patients)  # a patient's three rows always land in the same split
+
+
+def test_a_bad_row_in_a_late_row_group_names_its_rows_and_leaves_nothing(root, tmp_path):
+    src, _, _ = many_row_groups(tmp_path, 5000, row_group=1000, bad_row=4321)
+    assert_clean_failure(root, f"data.source=parquet:{src}", "data.ingest_batch_rows=1000",
+                         match=r"train.parquet rows 4000\.\.4999: row 321 has 700 image bytes")
+
+
+def test_tfds_streams_in_batches(root):
+    cfg = make_config(root, "data.source=tfds:mnist", "data.ingest_batch_rows=7")
+    with tfds.testing.mock_data(num_examples=50):
+        dataset = ingest(cfg.data, cfg.artifacts.root)
+    assert dataset.counts["test"] == 50 and dataset.counts["train"] + dataset.counts["validation"] == 50
+    assert len(read_split(dataset, "test")[1]) == 50
+
+
+def test_ingest_memory_is_flat_in_the_size_of_the_data(tmp_path):
+    """Peak RSS of a subprocess ingesting 10x the rows stays within 1.3x of 1x (and grows far less than the data)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = """
+import resource, sys
+from pipeline_config import load_config
+from tasks.ingest import ingest
+import tensorflow  # noqa: F401  (loaded before the baseline)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cfg = load_config(overrides=[f"artifacts.root={sys.argv[2]}", f"data.source=parquet:{sys.argv[1]}", "data.ingest_batch_rows=1000"])
+ingest(cfg.data, cfg.artifacts.root)
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    peaks = {}
+    for n in (6000, 60000):
+        x, y = mnist_arrays("train", n)
+        src = tmp_path / f"src{n}"
+        write_parquet_source(src, (x, y), (x[:100], y[:100]), metadata={"image_shape": "[28, 28, 1]"})
+        proc = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / f"root{n}")], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[n] = [int(v) for v in proc.stdout.split()[-2:]]  # KiB: after imports, at the end
+    (base1, peak1), (base10, peak10) = peaks[6000], peaks[60000]
+    assert peak10 <= 1.3 * peak1, peaks
+    data_growth_kib = (60000 - 6000) * 784 / 1024  # what holding the extra images would cost
+    assert (peak10 - base10) - (peak1 - base1) < 0.25 * data_growth_kib, peaks

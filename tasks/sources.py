@@ -1,0 +1,250 @@
+"""The ingest sources, read as streams of row batches so that memory is bounded by `data.ingest_batch_rows`, not
+by the data.
+
+Parquet streams row group by row group (`ParquetFile.iter_batches`), TFDS streams through its `tf.data`
+pipeline, embedded MNIST is Parquet. An `.npz` cannot stream: NumPy reads each array of the zip archive whole,
+so an npz source takes its arrays' size in memory (it is meant for small, Keras-style datasets).
+
+Each batch comes with where it is ("PATH rows A..B") for error messages, and with the values of
+`data.split_key` when that is set (Parquet only), which the validation split hashes instead of the row index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline_config import DataConfig
+from tasks.artifacts import file_sha256
+from tasks.errors import PipelineError, first_line
+from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, load_npz,
+                          normalise_shape, open_parquet, parquet_files, schema_metadata)
+
+EMBEDDED_MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist"
+NPZ_LAYOUT = "data.source=npz:PATH needs an .npz file with x_train, y_train, x_test, y_test (keras.datasets layout)"
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Batch:
+    images: np.ndarray  # uint8 [n, h, w, c]
+    labels: np.ndarray  # int64 [n]
+    first_row: int  # index of the batch's first row in its split
+    where: str  # "PATH rows A..B", for messages
+    keys: np.ndarray | list | None = None  # data.split_key values, when set
+
+
+@dataclass
+class SplitStream:
+    batches: Iterator[Batch]
+    total: int | None  # rows, when the source knows it up front (the test split's shards follow source order)
+
+
+@dataclass
+class Source:
+    splits: dict[str, SplitStream]
+    label_names: list[str] | None
+    description: str
+
+
+def scheme(source: str) -> tuple[str, str]:
+    if source == "mnist":
+        return "mnist", str(EMBEDDED_MNIST)
+    kind, _, rest = source.partition(":")
+    return kind, rest
+
+
+def open_source(cfg: DataConfig) -> Source:
+    kind, where = scheme(cfg.source)
+    if cfg.split_key and kind not in ("mnist", "parquet"):
+        raise PipelineError(f"data.split_key={cfg.split_key!r} needs a Parquet source (a column to hash); "
+                            f"{cfg.source} has none: unset it")
+    if kind in ("mnist", "parquet"):
+        source = _parquet_source(Path(where), cfg)
+        if kind == "mnist":
+            source.description = "mnist (embedded Parquet, data/mnist)"
+        return source
+    if kind == "npz":
+        return _npz_source(Path(where), cfg)
+    return _tfds_source(where, cfg)
+
+
+# ------------------------------------------------------------------------------------------------ Parquet
+
+def split_paths(directory: Path) -> dict[str, Path]:
+    if not directory.exists():
+        raise PipelineError(f"{directory} does not exist: data.source=parquet:PATH needs a directory with "
+                            "train.parquet and test.parquet (or train/ and test/ directories)")
+    if not directory.is_dir():
+        raise PipelineError(f"{directory} is not a directory: data.source=parquet:PATH needs a directory with "
+                            "train.parquet and test.parquet (or train/ and test/ directories)")
+    paths = {}
+    for split in SPLITS:
+        for candidate in (directory / f"{split}.parquet", directory / split):
+            if candidate.exists():
+                paths[split] = candidate
+                break
+        else:
+            raise PipelineError(f"{directory} has no {split}.parquet or {split}/ directory: add the {split} split")
+    return paths
+
+
+def _parquet_source(directory: Path, cfg: DataConfig) -> Source:
+    splits, label_names = {}, None
+    for split, path in split_paths(directory).items():
+        files = parquet_files(path)
+        meta = schema_metadata(open_parquet(files[0]).schema_arrow)
+        label_names = label_names or meta.get("label_names")
+        total = sum(open_parquet(f).metadata.num_rows for f in files)
+        key = cfg.split_key if split == "train" else None  # the validation split is carved from train only
+        splits[split] = SplitStream(_parquet_batches(path, files, cfg, cfg.image_shape or meta.get("image_shape"), key),
+                                    min(total, cfg.limit) if cfg.limit else total)
+    return Source(splits, label_names, f"parquet:{directory}")
+
+
+def _parquet_batches(path: Path, files: list[Path], cfg: DataConfig, shape, key: str | None) -> Iterator[Batch]:
+    columns = [cfg.image_column, cfg.label_column] + ([key] if key else [])
+    seen = 0
+    for batch in iter_parquet_batches(files, columns, cfg.ingest_batch_rows):
+        if cfg.limit and seen + batch.num_rows > cfg.limit:
+            batch = batch.slice(0, cfg.limit - seen)
+        where = f"{path} rows {seen}..{seen + batch.num_rows - 1}"
+        keys = batch.column(key).to_pylist() if key else None
+        yield Batch(decode_images(batch.column(cfg.image_column), shape, where),
+                    decode_labels(batch.column(cfg.label_column), where), seen, where, keys)
+        seen += batch.num_rows
+        if cfg.limit and seen >= cfg.limit:
+            return
+
+
+# ------------------------------------------------------------------------------------------------ npz
+
+def _npz_source(path: Path, cfg: DataConfig) -> Source:
+    arrays = load_npz(path, ("x_train", "y_train", "x_test", "y_test"), NPZ_LAYOUT)
+    splits = {}
+    for split in SPLITS:
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        where = f"{path} x_{split}/y_{split}"
+        if len(x) != len(y):
+            raise PipelineError(f"{where}: {len(x)} images but {len(y)} labels: x and y must have the same length")
+        y = _integer_labels(y, where)
+        n = min(len(x), cfg.limit) if cfg.limit else len(x)
+        splits[split] = SplitStream(_array_batches(x[:n], y[:n], cfg.ingest_batch_rows, where), n)
+    return Source(splits, None, f"npz:{path}")
+
+
+def _integer_labels(y: np.ndarray, where: str) -> np.ndarray:
+    if y.dtype == object or not np.issubdtype(y.dtype, np.integer):
+        if y.dtype != object and np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise PipelineError(f"{where}: labels are {y.dtype}, expected integers: store class indices 0..N-1")
+    y = y.reshape(-1).astype(np.int64)
+    if y.size and y.min() < 0:
+        raise PipelineError(f"{where}: negative label {y.min()}: labels must be class indices 0..N-1")
+    return y
+
+
+def _array_batches(x: np.ndarray, y: np.ndarray, rows: int, where: str) -> Iterator[Batch]:
+    for start in range(0, len(x), rows):
+        at = f"{where} rows {start}..{min(start + rows, len(x)) - 1}"
+        yield Batch(check_numpy_images(x[start: start + rows], at), y[start: start + rows], start, at)
+
+
+# ------------------------------------------------------------------------------------------------ TFDS
+
+def _tfds_builder(name: str, cfg: DataConfig):
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=cfg.tfds_data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise PipelineError(f"unknown TFDS dataset {name!r}: check the name against tfds.list_builders()") from None
+
+
+def _tfds_source(name: str, cfg: DataConfig) -> Source:
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(name, cfg)
+    missing = [s for s in SPLITS if builder.info.splits and s not in builder.info.splits]
+    if missing:
+        raise PipelineError(f"TFDS dataset {name!r} has no {'/'.join(missing)} split: use a dataset with train and test")
+    try:
+        datasets, info = tfds.load(name, split=list(SPLITS), data_dir=cfg.tfds_data_dir, download=cfg.tfds_download,
+                                   as_supervised=True, with_info=True)
+    except Exception as exc:  # TFDS raises AssertionError, DownloadError, OSError... when data is unavailable
+        raise PipelineError(f"TFDS dataset {name!r} could not be loaded ({first_line(exc)}): prepare it with network "
+                            "access once (data.tfds_download=true) or point data.tfds_data_dir at a prepared copy") from None
+    splits = {}
+    for split, ds in zip(SPLITS, datasets):
+        if cfg.limit:
+            ds = ds.take(cfg.limit)
+        total = int(ds.cardinality())
+        splits[split] = SplitStream(_tfds_batches(ds, cfg.ingest_batch_rows, f"tfds:{name} {split}"),
+                                    total if total >= 0 else None)  # negative: unknown
+    label = info.features["label"] if "label" in info.features else None
+    names = list(label.names) if label is not None and hasattr(label, "names") else None
+    return Source(splits, names, f"tfds:{name} {info.version}")
+
+
+def _tfds_batches(ds, rows: int, where: str) -> Iterator[Batch]:
+    import tensorflow_datasets as tfds
+
+    seen = 0
+    for x, y in tfds.as_numpy(ds.batch(rows)):
+        at = f"{where} rows {seen}..{seen + len(x) - 1}"
+        yield Batch(check_numpy_images(x, at), _integer_labels(np.asarray(y), at), seen, at)
+        seen += len(x)
+
+
+# ------------------------------------------------------------------------------------------------ hashing
+
+def source_hash(cfg: DataConfig) -> tuple[str, str]:
+    """(hash, method) identifying the source's content, cheap enough for every run. Parquet: each file's size,
+    modification time and footer metadata (row groups, schema, statistics), or with `data.verify_source: full`
+    every byte; npz: every byte (the format is small by nature); TFDS: the prepared files' names and sizes."""
+    kind, where = scheme(cfg.source)
+    if kind in ("mnist", "parquet"):
+        base = Path(where)
+        files = [f for p in split_paths(base).values() for f in parquet_files(p)]
+        if cfg.verify_source == "full":
+            return _digest(f"{f.relative_to(base)}:{file_sha256(str(f))}" for f in files), "sha256 of every file"
+        return _digest(_parquet_identity(f, base) for f in files), "file size, mtime and Parquet footer"
+    if kind == "npz":
+        path = Path(where)
+        if not path.is_file():
+            raise PipelineError(f"{path} does not exist: {NPZ_LAYOUT}")
+        return _digest([f"{path.name}:{file_sha256(str(path))}"]), "sha256 of the file"
+    return _tfds_hash(where, cfg), "TFDS version and prepared file sizes"
+
+
+def _digest(parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(f"{part}\n".encode())
+    return digest.hexdigest()
+
+
+def _parquet_identity(path: Path, base: Path) -> str:
+    stat = path.stat()
+    meta = open_parquet(path).metadata
+    footer = hashlib.sha256(str(meta.to_dict()).encode()).hexdigest()
+    return f"{path.relative_to(base)}:{stat.st_size}:{stat.st_mtime_ns}:{footer}"
+
+
+def _tfds_hash(name: str, cfg: DataConfig) -> str:
+    builder = _tfds_builder(name, cfg)
+    parts = [f"tfds:{name}:{builder.info.version}"]
+    data_dir = Path(str(builder.data_dir))
+    if data_dir.is_dir():
+        parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(data_dir.iterdir())]
+    return _digest(parts)
+
+
+def expected_shape(cfg: DataConfig) -> list[int] | None:
+    return normalise_shape(cfg.image_shape) if cfg.image_shape else None
+
