@@ -66,6 +66,9 @@ def _emit(artifact, as_json: bool, summary: str) -> None:
 
 
 def _ingest(cfg: PipelineConfig):
+    from tasks.storage import check_reachable
+
+    check_reachable(cfg.artifacts.root)  # before TensorFlow loads: a wrong bucket is one line, at once
     from tasks.devices import configure_devices
     from tasks.worker import ingest_for
 
@@ -74,9 +77,9 @@ def _ingest(cfg: PipelineConfig):
 
 
 def _train(cfg: PipelineConfig):
+    dataset = _ingest(cfg)
     from tasks.train import train as run_train
 
-    dataset = _ingest(cfg)
     return dataset, run_train(cfg, dataset)
 
 
@@ -102,12 +105,12 @@ def train(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = Fals
 @app.command()
 def evaluate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
     """Ingest and train (cached), then measure the model on the test split and apply the promotion gate."""
-    from tasks.evaluate import evaluate as run_evaluate
-
     cfg = _setup(config, set)
 
     def body():
         dataset, model = _train(cfg)
+        from tasks.evaluate import evaluate as run_evaluate
+
         return run_evaluate(cfg, dataset, model)
 
     evaluation = _guarded(body, json_out)
@@ -123,10 +126,17 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
             allow_unblessed: Annotated[bool, typer.Option(help="Predict with a model the gate did not bless.")] = False,
             config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
     """Stream batch predictions of a model over an input into a Parquet file."""
-    from tasks.predict import predict as run_predict
+    from tasks.storage import check_reachable
 
     cfg = _setup(config, set)
-    result = _guarded(lambda: run_predict(cfg, model, input, output, allow_unblessed=allow_unblessed or None), json_out)
+
+    def body():
+        check_reachable(cfg.artifacts.root)  # before TensorFlow loads
+        from tasks.predict import predict as run_predict
+
+        return run_predict(cfg, model, input, output, allow_unblessed=allow_unblessed or None)
+
+    result = _guarded(body, json_out)
     _emit(result, json_out, f"{result.rows} predictions by model {result.model_fingerprint[:12]} in {result.output}")
 
 

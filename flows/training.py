@@ -14,6 +14,7 @@ from pipeline_config import PipelineConfig, load_config
 from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact
 from tasks.cluster import cluster_from_env
 from tasks.devices import configure_devices
+from tasks.storage import check_reachable
 
 
 class RunSummary(BaseModel):
@@ -28,6 +29,7 @@ class RunSummary(BaseModel):
 def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] | None = None) -> RunSummary:
     started = time.perf_counter()
     cfg = load_config(config_file, overrides)
+    check_reachable(cfg.artifacts.root)  # a wrong bucket or missing credentials: one line, before any work
     configure_devices(cfg.train)  # before the first TensorFlow op of this process (multi_worker: the strategy)
     try:
         return _stages(cfg, started)

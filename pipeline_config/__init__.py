@@ -164,6 +164,8 @@ class PredictConfig(Section):
 
 class ArtifactsConfig(Section):
     root: str = Field("./artifacts", validate_default=True)
+    local_cache: str = Field("~/.cache/tfpipe", description="local copies of remote artifacts (staged shards, "
+                             "models) and training work dirs when the root is a bucket; never the working directory")
     keep_last: int = Field(3, ge=1, description="tfpipe gc keeps the newest N published outputs of each stage")
     stale_work_hours: float = Field(24.0, gt=0, description="tfpipe gc removes training work dirs idle this long")
 

@@ -1,18 +1,19 @@
 """The artifact store and the typed references the stages hand each other.
 
-Each stage output lives in `<root>/<stage>/<fingerprint>/`. It is written into a temporary sibling
-directory, `manifest.json` is written last, and the directory is published by one rename. A directory
-without a complete manifest is never reused. File operations go through `tf.io.gfile`, so a `gs://` root is
-the natural extension (object stores do not rename directories atomically: that is the work left there).
+Each stage output lives in `<root>/<stage>/<fingerprint>/`, with `manifest.json` written last: the manifest is
+the commit, and an output without a complete one is never reused. On a local root the files are written into a
+temporary sibling directory that one rename publishes. On an object store (`s3://`, `gs://`: no atomic
+directory rename) the files are written locally, uploaded under the final prefix while this run holds the
+fingerprint's lease, and the manifest is created last with a conditional create; it lists every file with its
+size, and a reader trusts the output only when all of them are there. Every path goes through tasks/storage.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,25 +21,13 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks import storage
 from tasks.errors import CorruptArtifact, PipelineError, environment_error
+from tasks.storage import is_local, join
 
 log = logging.getLogger("tfpipe.artifacts")
 
 MANIFEST = "manifest.json"
-
-
-def _gfile():
-    import tensorflow as tf  # imported late: config errors must not wait for TensorFlow
-
-    return tf.io.gfile
-
-
-def join(*parts: str) -> str:
-    return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
-
-
-def is_local(path: str) -> bool:
-    return "://" not in path
 
 
 def stage_dir(root: str, stage: str, fingerprint: str) -> str:
@@ -51,38 +40,33 @@ def class_names(label_names: list[str] | None, num_classes: int) -> list[str]:
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with _gfile().GFile(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return storage.sha256(path)
 
 
 def read_json(path: str) -> Any:
-    with _gfile().GFile(path, "r") as f:
-        return json.load(f)
+    return storage.read_json(path)
 
 
 def write_json_atomic(path: str, value: Any) -> None:
-    """Write JSON next to `path` and rename it over `path`: readers see the old or the new file, whole."""
-    gfile = _gfile()
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(value, indent=2, sort_keys=True))
-    gfile.rename(tmp, path, overwrite=True)
+    """Readers see the old file or the new one, whole."""
+    storage.write_json(path, value)
 
 
 def read_manifest(directory: str) -> dict | None:
-    """The manifest of a published directory, or None when it is missing or incomplete."""
-    path = join(directory, MANIFEST)
-    gfile = _gfile()
-    if not gfile.exists(path):
-        return None
+    """The manifest of a published output, or None when it is missing, incomplete, or (on an object store)
+    names a file that is not there with its size."""
     try:
-        manifest = read_json(path)
-    except (ValueError, OSError):
+        manifest = storage.read_json(join(directory, MANIFEST))
+    except (FileNotFoundError, ValueError, OSError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("complete") is True else None
+    if not (isinstance(manifest, dict) and manifest.get("complete") is True):
+        return None
+    listed = manifest.get("files")
+    if listed is not None and not is_local(directory):
+        present = storage.files_under(directory)
+        if any(present.get(name) != size for name, size in listed.items()):
+            return None
+    return manifest
 
 
 def find_published(root: str, stage: str, fingerprint: str) -> dict | None:
@@ -90,32 +74,52 @@ def find_published(root: str, stage: str, fingerprint: str) -> dict | None:
 
 
 def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict], replace: bool = False) -> dict:
-    """Run `write(tmp_dir)`, which fills the directory and returns the manifest body, then publish. `replace`
-    removes a published output of the same fingerprint first (one that failed verification).
+    """Run `write(tmp_dir)`, which fills a local directory and returns the manifest body, then publish it.
+    `replace` removes a published output of the same fingerprint first (one that failed verification).
 
-    On any failure the temporary directory is removed and directories this call created are pruned, so
-    a failed stage leaves nothing behind under the root.
+    On any failure the temporary directory is removed and directories this call created are pruned, so a failed
+    stage leaves nothing behind under the root.
     """
-    gfile = _gfile()
-    created = [d for d in (root, join(root, stage)) if not gfile.exists(d)]
+    if not is_local(root):
+        return _publish_to_store(root, stage, fingerprint, write)
+    created = [d for d in (root, join(root, stage)) if not os.path.exists(d)]
     final = stage_dir(root, stage, fingerprint)
     tmp = join(root, stage, f".tmp-{fingerprint[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    gfile.makedirs(tmp)
+    os.makedirs(tmp)
     try:
-        body = write(tmp)
-        manifest = {**body, "stage": stage, "fingerprint": fingerprint, "created": time.time(), "complete": True}
-        write_json_atomic(join(tmp, MANIFEST), manifest)  # last: it marks the directory complete
-        if gfile.exists(final):
+        manifest = _manifest(write(tmp), stage, fingerprint)
+        storage.write_json(join(tmp, MANIFEST), manifest)  # last: it marks the directory complete
+        if os.path.exists(final):
             if read_manifest(final) is not None and not replace:  # another run published the same content first
-                gfile.rmtree(tmp)
+                shutil.rmtree(tmp)
                 return read_manifest(final)
-            gfile.rmtree(final)  # a leftover without a complete manifest is never reused
-        gfile.rename(tmp, final)
+            shutil.rmtree(final)  # a leftover without a complete manifest is never reused
+        os.rename(tmp, final)
         return manifest
     except BaseException:
         remove_tree(tmp)
         prune_empty(*reversed(created))
         raise
+
+
+def _manifest(body: dict, stage: str, fingerprint: str) -> dict:
+    return {**body, "stage": stage, "fingerprint": fingerprint, "created": time.time(), "complete": True}
+
+
+def _publish_to_store(root: str, stage: str, fingerprint: str, write: Callable[[str], dict]) -> dict:
+    """Object stores: write locally, upload the files under the final prefix, create the manifest last."""
+    final = stage_dir(root, stage, fingerprint)
+    with tempfile.TemporaryDirectory(prefix=f"tfpipe-{stage}-") as tmp:
+        manifest = _manifest(write(tmp), stage, fingerprint)
+        manifest["files"] = {os.path.relpath(os.path.join(d, f), tmp).replace(os.sep, "/"): os.path.getsize(os.path.join(d, f))
+                             for d, _, names in os.walk(tmp) for f in names}
+        storage.remove(final)  # what a dead attempt left, or an output that failed verification (we hold the lease)
+        storage.upload(tmp, final)
+        try:
+            storage.write_json(join(final, MANIFEST), manifest, create_only=True)
+        except FileExistsError:  # another run committed first: theirs stands
+            return read_manifest(final) or manifest
+    return manifest
 
 
 @dataclass
@@ -166,21 +170,22 @@ def _trusted(uri: str, manifest: dict | None, verify: Callable[[str, dict], None
 
 
 def remove_dead_attempts(root: str, stage: str, fingerprint: str) -> None:
-    """Temporary directories of earlier attempts at this output. Called under its lease: whoever wrote them is
-    gone (killed before it could clean up)."""
-    gfile = _gfile()
-    for leftover in gfile.glob(join(root, stage, f".tmp-{fingerprint[:16]}-*")):
-        log.info("removing %s, left by an attempt that did not finish", leftover)
-        remove_tree(leftover)
+    """Temporary directories of earlier attempts at this output (local roots). Called under its lease: whoever
+    wrote them is gone (killed before it could clean up)."""
+    if not is_local(root):
+        return  # object stores: the attempt wrote under the final prefix, which publish clears
+    prefix = f".tmp-{fingerprint[:16]}-"
+    for name in storage.listdir(join(root, stage)):
+        if name.startswith(prefix):
+            log.info("removing %s, left by an attempt that did not finish", join(root, stage, name))
+            remove_tree(join(root, stage, name))
 
 
 def remove_tree(path: str) -> None:
-    gfile = _gfile()
-    if gfile.exists(path):
-        if is_local(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            gfile.rmtree(path)
+    if is_local(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        storage.remove(path)
 
 
 def prune_empty(*directories: str) -> None:
@@ -276,3 +281,43 @@ class PredictionArtifact(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+
+# ---------------------------------------------------------------- local copies of what lives in a bucket
+
+def local_dataset(dataset: DatasetArtifact, cache_dir: str) -> DatasetArtifact:
+    """The dataset with its shards on local disk, where tf.data reads them: the artifact itself on a local root;
+    from a bucket, copies in `cache_dir` (`artifacts.local_cache`), each verified by its sha256 and reused by
+    later runs while it still matches."""
+    if is_local(dataset.uri):
+        return dataset
+    manifest = read_manifest(dataset.uri)
+    if manifest is None:
+        raise PipelineError(f"{dataset.uri} is not a published dataset (no complete manifest): re-run ingest")
+    local = os.path.join(os.path.expanduser(cache_dir), "ingest", dataset.fingerprint)
+    staged = 0
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = os.path.join(local, shard["file"])
+            if os.path.exists(path) and storage.sha256(path) == shard["sha256"]:
+                continue
+            storage.download(join(dataset.uri, shard["file"]), path)
+            staged += 1
+            if storage.sha256(path) != shard["sha256"]:
+                os.remove(path)
+                raise CorruptArtifact(f"shard {join(dataset.uri, shard['file'])} fails its sha256 check: re-run ingest "
+                                      "(tfpipe ingest) to rebuild the dataset")
+    if staged:
+        log.info("staged %d shard(s) of %s into %s", staged, dataset.uri, local)
+    return dataset.model_copy(update={"uri": local})
+
+
+def local_file(path: str, cache_dir: str) -> str:
+    """A local copy of a file in a bucket (a model TensorFlow or Keras must open), or the path itself."""
+    if is_local(path):
+        return path
+    digest = storage.sha256_text(path)
+    local = os.path.join(os.path.expanduser(cache_dir), "files", digest[:24], path.rsplit("/", 1)[-1])
+    if not os.path.exists(local):
+        storage.download(path, local)
+    return local

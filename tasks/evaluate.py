@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from pipeline_config import EvaluateConfig, PipelineConfig, fingerprint
-from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, ModelArtifact, class_names, join, read_json,
-                             reuse_or_publish, write_json_atomic)
+from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, ModelArtifact, class_names, join,
+                             local_dataset, local_file, read_json, reuse_or_publish, write_json_atomic)
 from tasks.champion import current_champion, promote
 from tasks.errors import PipelineError
 from tasks.model import class_probabilities, load_model
@@ -46,7 +46,7 @@ def predict_split(model, dataset: DatasetArtifact, split: str, batch_size: int) 
 
     from tasks.reader import make_dataset
 
-    ds = make_dataset(dataset, split, batch_size, label_mode="sparse")
+    ds = make_dataset(dataset, split, batch_size, label_mode="sparse")  # a local (staged) dataset
     forward = tf.function(lambda x: model(x, training=False))
     probs, labels = [], []
     for images, y in ds:
@@ -97,8 +97,8 @@ def gate(metrics: dict, cfg: EvaluateConfig, champion_accuracy: float | None) ->
     return all(r.passed for r in reasons), reasons
 
 
-def _champion_accuracy(champion: dict, dataset: DatasetArtifact, batch_size: int,
-                       model_fp: str) -> tuple[float | None, str]:
+def _champion_accuracy(champion: dict, dataset: DatasetArtifact, batch_size: int, model_fp: str,
+                       cache_dir: str) -> tuple[float | None, str]:
     """The champion's accuracy on this test split: recorded when it was measured on it, else measured now."""
     if not champion:
         return None, "no champion yet: thresholds only"
@@ -106,7 +106,7 @@ def _champion_accuracy(champion: dict, dataset: DatasetArtifact, batch_size: int
         return champion["accuracy"] if champion["dataset_fingerprint"] == dataset.fingerprint else None, "model is the champion"
     if champion["dataset_fingerprint"] == dataset.fingerprint:
         return champion["accuracy"], f"champion {champion['model_fingerprint'][:12]}"
-    champion_model = load_model(join(champion["model_uri"], "model.keras"))
+    champion_model = load_model(local_file(join(champion["model_uri"], "model.keras"), cache_dir))
     try:
         check_compatible(champion_model, dataset, "champion")
     except PipelineError as exc:
@@ -185,12 +185,14 @@ def measure(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Model
             out: str) -> dict:
     """Test-split metrics, the gate against `champion`, metrics.json and the plots in `out`; the manifest body."""
     started = time.perf_counter()
-    model = load_model(join(model_artifact.uri, model_artifact.model_path))
+    cache_dir = cfg.artifacts.local_cache
+    model = load_model(local_file(join(model_artifact.uri, model_artifact.model_path), cache_dir))
     check_compatible(model, dataset)
+    dataset = local_dataset(dataset, cache_dir)
     probs, labels = predict_split(model, dataset, "test", cfg.evaluate.batch_size)
     metrics = classification_metrics(labels, probs, dataset.label_names)
     champion_accuracy, compared = _champion_accuracy(champion, dataset, cfg.evaluate.batch_size,
-                                                     model_artifact.fingerprint)
+                                                     model_artifact.fingerprint, cache_dir)
     blessed, reasons = gate(metrics, cfg.evaluate, champion_accuracy)
     history = read_json(join(model_artifact.uri, model_artifact.history_path))["epochs"]
     write_json_atomic(join(out, "metrics.json"), metrics)

@@ -23,22 +23,28 @@ PNG_MAGIC = b"\x89PNG"
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def parquet_files(path: str | Path) -> list[Path]:
-    """A Parquet file, or the sorted part files of a directory."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+def parquet_files(path: str | Path) -> list[str]:
+    """A Parquet file, or the sorted part files of a directory (local, or a prefix in a bucket)."""
+    from tasks import storage
+
+    path = str(path)
+    fs, p = storage.filesystem(path)
+    if fs.isdir(p):
+        scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
+        files = sorted(f"{scheme}{f}" for f in fs.find(p) if f.endswith(".parquet"))
         if not files:
             raise PipelineError(f"{path} holds no .parquet files: point at a Parquet file or a directory of part files")
         return files
-    if not path.exists():
+    if not fs.exists(p):
         raise PipelineError(f"{path} does not exist: check the path")
     return [path]
 
 
-def open_parquet(path: Path) -> pq.ParquetFile:
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    from tasks import storage
+
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(str(path) if storage.is_local(str(path)) else storage.open_file(str(path)))
     except (pa.ArrowException, OSError) as exc:
         raise PipelineError(f"{path} is not a readable Parquet file ({first_line(exc)}): check the file") from None
 
@@ -71,7 +77,7 @@ def check_columns(schema: pa.Schema, columns: list[str], where: str) -> None:
                 f"set data.image_column / data.label_column to the right names")
 
 
-def iter_parquet_batches(files: list[Path], columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+def iter_parquet_batches(files: list[str], columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
     for path in files:
         pf = open_parquet(path)
         check_columns(pf.schema_arrow, columns, str(path))

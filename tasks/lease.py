@@ -6,8 +6,10 @@ releases the lock of a killed process, so the next run takes it over and resumes
 run left. Leases live in `<root>/.leases/` (`<stage>-<fingerprint>.lock`, and beside it a `.json` naming the
 holder); `tfpipe gc` removes the ones nobody holds.
 
-Local roots use `filelock` (flock). A root on an object store has no flock: there the same `stage_lease` will
-hold a lease object with a heartbeat, taken over when the heartbeat is older than a timeout.
+Local roots use `filelock` (flock). An object store has no locks: there the lease is an object
+(`<root>/.leases/<stage>-<fingerprint>.json`) made with a conditional create, whose holder rewrites its heartbeat
+every `HEARTBEAT_S`; a lease whose heartbeat is older than `STALE_S` belonged to a run that died, and is taken
+over.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Iterator
 
@@ -25,6 +28,8 @@ from filelock import FileLock, Timeout
 log = logging.getLogger("tfpipe.lease")
 
 LEASES = ".leases"
+HEARTBEAT_S = 20.0
+STALE_S = 90.0
 
 
 def lease_path(root: str, stage: str, fingerprint: str) -> str:
@@ -46,7 +51,8 @@ def stage_lease(root: str, stage: str, fingerprint: str, log_every: float = 30.0
     """Hold the lease of one stage output while building it; wait (logging every `log_every` s) while another
     live run holds it."""
     if "://" in root:
-        yield  # object stores: the heartbeat lease comes with the object-store root
+        with _object_lease(root, stage, fingerprint, log_every):
+            yield
         return
     path = lease_path(root, stage, fingerprint)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -67,6 +73,48 @@ def stage_lease(root: str, stage: str, fingerprint: str, log_every: float = 30.0
         with contextlib.suppress(OSError):
             os.remove(f"{path}.json")
         lock.release()
+
+
+@contextlib.contextmanager
+def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> Iterator[None]:
+    from tasks import storage
+
+    path = storage.join(root, LEASES, f"{stage}-{fingerprint}.json")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "heartbeat": time.time()}
+    started, logged = time.monotonic(), time.monotonic()
+    while True:
+        try:
+            storage.write_json(path, me, create_only=True)
+            break
+        except FileExistsError:
+            try:
+                info = storage.read_json(path)
+            except (FileNotFoundError, ValueError):
+                continue  # released meanwhile
+            if time.time() - info.get("heartbeat", 0) > STALE_S:
+                log.warning("%s %s: taking over the lease of pid %s on %s (no heartbeat for %.0fs)", stage,
+                            fingerprint[:12], info.get("pid"), info.get("host"), time.time() - info.get("heartbeat", 0))
+                storage.remove(path)
+                continue
+            if time.monotonic() - logged >= log_every:
+                logged = time.monotonic()
+                log.info("%s %s: waiting for the run that is building it (pid %s on %s); waited %.0fs", stage,
+                         fingerprint[:12], info.get("pid"), info.get("host"), time.monotonic() - started)
+            time.sleep(min(1.0, log_every))
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            storage.write_json(path, {**me, "heartbeat": time.time()})
+
+    heart = threading.Thread(target=beat, daemon=True, name="tfpipe-lease-heartbeat")
+    heart.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        heart.join(timeout=5)
+        storage.remove(path)
 
 
 def is_held(root: str, stage: str, fingerprint: str) -> bool:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline_config import PipelineConfig, fingerprint
-from tasks.artifacts import (DatasetArtifact, PredictionArtifact, file_sha256, join, prune_empty, read_manifest,
-                             reuse_or_publish, stage_dir)
+from tasks import storage
+from tasks.artifacts import (DatasetArtifact, PredictionArtifact, file_sha256, join, local_dataset, local_file,
+                             prune_empty, read_manifest, reuse_or_publish, stage_dir)
 from tasks.champion import blessed_models, resolve_model
 from tasks.devices import resolve_precision
 from tasks.errors import PipelineError
@@ -55,18 +57,19 @@ def _npz_chunks(path: str, batch_size: int) -> Iterator[Chunk]:
         yield x[start: start + batch_size], {}
 
 
-def _cache_chunks(root: str, ref: str, batch_size: int) -> Iterator[Chunk]:
+def _cache_chunks(cfg: PipelineConfig, ref: str, batch_size: int) -> Iterator[Chunk]:
     from tasks.ingest import dataset_artifact
     from tasks.reader import make_dataset
 
+    root = cfg.artifacts.root
     name, _, split = ref.partition("/")
     split = split or "test"
-    candidates = [Path(name)] if Path(name).is_dir() else sorted((Path(root) / "ingest").glob(f"{name}*"))
-    candidates = [c for c in candidates if not c.name.startswith(".")]
-    manifest = read_manifest(str(candidates[0])) if len(candidates) == 1 else None
+    base = join(root, "ingest")
+    candidates = [join(base, n) for n in storage.listdir(base) if n.startswith(name) and not n.startswith(".")]
+    manifest = read_manifest(candidates[0]) if len(candidates) == 1 else None
     if manifest is None:
         raise PipelineError(f"cache:{ref} names no single published dataset under {root}/ingest: pass a full fingerprint")
-    dataset = dataset_artifact(str(candidates[0]), manifest, cache_hit=True)
+    dataset = local_dataset(dataset_artifact(candidates[0], manifest, cache_hit=True), cfg.artifacts.local_cache)
     if split not in dataset.shards:
         raise PipelineError(f"cache:{ref}: no split {split!r} (splits: {', '.join(dataset.shards)})")
     for images, _ in make_dataset(dataset, split, batch_size, raw_uint8=True).as_numpy_iterator():
@@ -76,7 +79,7 @@ def _cache_chunks(root: str, ref: str, batch_size: int) -> Iterator[Chunk]:
 def read_chunks(cfg: PipelineConfig, input_path: str, model_shape: list[int]) -> Iterator[Chunk]:
     pc = cfg.predict
     if input_path.startswith("cache:"):
-        return _cache_chunks(cfg.artifacts.root, input_path.removeprefix("cache:"), pc.batch_size)
+        return _cache_chunks(cfg, input_path.removeprefix("cache:"), pc.batch_size)
     if input_path.endswith(".npz"):
         return _npz_chunks(input_path, pc.batch_size)
     return _parquet_chunks(input_path, cfg.data.image_column, pc.key_columns, cfg.data.image_shape or model_shape,
@@ -136,7 +139,7 @@ def load_predictor(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -
     if not allow_unblessed and manifest["fingerprint"] not in blessed_models(root):
         raise PipelineError(f"model {manifest['fingerprint'][:12]} was not blessed by the evaluation gate: use the "
                             "champion, or pass --allow-unblessed to predict with it anyway")
-    model = load_model(join(model_uri, manifest["model_path"]))
+    model = load_model(local_file(join(model_uri, manifest["model_path"]), cfg.artifacts.local_cache))
     if cfg.predict.precision != "model":  # else compute as trained: the same numbers as the evaluation
         precision, reason = resolve_precision(cfg.predict.precision)
         model = with_dtype_policy(model, precision)
@@ -153,17 +156,23 @@ def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
     started = time.perf_counter()
     allow = cfg.predict.allow_unblessed if allow_unblessed is None else allow_unblessed
     predictor = load_predictor(cfg, model_ref, allow)
-    output_path = Path(output)
-    if output_path.is_dir():
+    remote = not storage.is_local(output)
+    if (not remote and Path(output).is_dir()) or (remote and storage.filesystem(output)[0].isdir(storage.filesystem(output)[1])):
         raise PipelineError(f"--output {output} is a directory: name a .parquet file")
     metadata = {"model_fingerprint": predictor.fingerprint, "model_uri": predictor.uri,
                 "label_names": json.dumps(predictor.manifest.get("label_names")), "input": input_path}
     chunks = read_chunks(cfg, input_path, predictor.image_shape)
-    rows = write_predictions(chunks, predictor, output_path, metadata, input_path)
+    with tempfile.TemporaryDirectory(prefix="tfpipe-predict-") as scratch:
+        # A bucket has no rename: write locally, then one upload (a whole object or none).
+        local_output = Path(scratch) / "predictions.parquet" if remote else Path(output)
+        rows = write_predictions(chunks, predictor, local_output, metadata, input_path)
+        digest = file_sha256(str(local_output))
+        if remote:
+            storage.upload_file(str(local_output), output)
     seconds = time.perf_counter() - started
-    log.info("predicted %d rows with model %s into %s in %.1fs", rows, predictor.fingerprint[:12], output_path, seconds)
-    return PredictionArtifact(output=str(output_path), rows=rows, sha256=file_sha256(str(output_path)),
-                              model_fingerprint=predictor.fingerprint, input=input_path, seconds=seconds)
+    log.info("predicted %d rows with model %s into %s in %.1fs", rows, predictor.fingerprint[:12], output, seconds)
+    return PredictionArtifact(output=output, rows=rows, sha256=digest, model_fingerprint=predictor.fingerprint,
+                              input=input_path, seconds=seconds)
 
 
 def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path: Path, metadata: dict,
@@ -226,12 +235,12 @@ def input_hash(input_path: str) -> str:
     """A content hash of a prediction input, so stored predictions are keyed on what was predicted."""
     if input_path.startswith("cache:"):
         return input_path
-    files = [Path(input_path)] if input_path.endswith(".npz") else parquet_files(input_path)
+    files = [input_path] if input_path.endswith(".npz") else parquet_files(input_path)
     digest = hashlib.sha256()
     for path in files:
-        if not path.is_file():
+        if not storage.exists(path):
             raise PipelineError(f"{path} does not exist: check the path")
-        digest.update(file_sha256(str(path)).encode())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline_config import DataConfig
+from tasks import storage
 from tasks.artifacts import file_sha256
 from tasks.errors import PipelineError, first_line
 from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, load_npz,
@@ -64,7 +65,7 @@ def open_source(cfg: DataConfig) -> Source:
         raise PipelineError(f"data.split_key={cfg.split_key!r} needs a Parquet source (a column to hash); "
                             f"{cfg.source} has none: unset it")
     if kind in ("mnist", "parquet"):
-        source = _parquet_source(Path(where), cfg)
+        source = _parquet_source(where, cfg)
         if kind == "mnist":
             source.description = "mnist (embedded Parquet, data/mnist)"
         return source
@@ -75,17 +76,20 @@ def open_source(cfg: DataConfig) -> Source:
 
 # ------------------------------------------------------------------------------------------------ Parquet
 
-def split_paths(directory: Path) -> dict[str, Path]:
-    if not directory.exists():
-        raise PipelineError(f"{directory} does not exist: data.source=parquet:PATH needs a directory with "
-                            "train.parquet and test.parquet (or train/ and test/ directories)")
-    if not directory.is_dir():
-        raise PipelineError(f"{directory} is not a directory: data.source=parquet:PATH needs a directory with "
-                            "train.parquet and test.parquet (or train/ and test/ directories)")
+def split_paths(directory: str) -> dict[str, str]:
+    """The train and test parts of a Parquet source: `train.parquet`/`test.parquet` or `train/`/`test/`, in a
+    local directory or under a bucket prefix."""
+    fs, p = storage.filesystem(directory)
+    layout = ("data.source=parquet:PATH needs a directory with train.parquet and test.parquet (or train/ and "
+              "test/ directories)")
+    if not fs.exists(p):
+        raise PipelineError(f"{directory} does not exist: {layout}")
+    if not fs.isdir(p):
+        raise PipelineError(f"{directory} is not a directory: {layout}")
     paths = {}
     for split in SPLITS:
-        for candidate in (directory / f"{split}.parquet", directory / split):
-            if candidate.exists():
+        for candidate in (storage.join(directory, f"{split}.parquet"), storage.join(directory, split)):
+            if storage.exists(candidate):
                 paths[split] = candidate
                 break
         else:
@@ -93,7 +97,7 @@ def split_paths(directory: Path) -> dict[str, Path]:
     return paths
 
 
-def _parquet_source(directory: Path, cfg: DataConfig) -> Source:
+def _parquet_source(directory: str, cfg: DataConfig) -> Source:
     splits, label_names = {}, None
     for split, path in split_paths(directory).items():
         files = parquet_files(path)
@@ -106,7 +110,7 @@ def _parquet_source(directory: Path, cfg: DataConfig) -> Source:
     return Source(splits, label_names, f"parquet:{directory}")
 
 
-def _parquet_batches(path: Path, files: list[Path], cfg: DataConfig, shape, key: str | None) -> Iterator[Batch]:
+def _parquet_batches(path: str, files: list[str], cfg: DataConfig, shape, key: str | None) -> Iterator[Batch]:
     columns = [cfg.image_column, cfg.label_column] + ([key] if key else [])
     seen = 0
     for batch in iter_parquet_batches(files, columns, cfg.ingest_batch_rows):
@@ -209,11 +213,10 @@ def source_hash(cfg: DataConfig) -> tuple[str, str]:
     every byte; npz: every byte (the format is small by nature); TFDS: the prepared files' names and sizes."""
     kind, where = scheme(cfg.source)
     if kind in ("mnist", "parquet"):
-        base = Path(where)
-        files = [f for p in split_paths(base).values() for f in parquet_files(p)]
+        files = [f for p in split_paths(where).values() for f in parquet_files(p)]
         if cfg.verify_source == "full":
-            return _digest(f"{f.relative_to(base)}:{file_sha256(str(f))}" for f in files), "sha256 of every file"
-        return _digest(_parquet_identity(f, base) for f in files), "file size, mtime and Parquet footer"
+            return _digest(f"{_relative(f, where)}:{file_sha256(f)}" for f in files), "sha256 of every file"
+        return _digest(_parquet_identity(f, where) for f in files), "file size, modification time (ETag in a bucket) and Parquet footer"
     if kind == "npz":
         path = Path(where)
         if not path.is_file():
@@ -229,11 +232,17 @@ def _digest(parts) -> str:
     return digest.hexdigest()
 
 
-def _parquet_identity(path: Path, base: Path) -> str:
-    stat = path.stat()
-    meta = open_parquet(path).metadata
-    footer = hashlib.sha256(str(meta.to_dict()).encode()).hexdigest()
-    return f"{path.relative_to(base)}:{stat.st_size}:{stat.st_mtime_ns}:{footer}"
+def _relative(path: str, base: str) -> str:
+    return path.split("://", 1)[-1][len(base.split("://", 1)[-1].rstrip("/")) + 1:]
+
+
+def _parquet_identity(path: str, base: str) -> str:
+    """Size, modification time or the store's checksum (an S3 ETag, a GCS md5/crc32c), and the footer."""
+    fs, p = storage.filesystem(path)
+    info = fs.info(p)
+    stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime")
+    footer = hashlib.sha256(str(open_parquet(path).metadata.to_dict()).encode()).hexdigest()
+    return f"{_relative(path, base)}:{info.get('size')}:{stamp}:{footer}"
 
 
 def _tfds_hash(name: str, cfg: DataConfig) -> str:

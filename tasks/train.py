@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -25,8 +26,9 @@ import keras
 import tensorflow as tf
 
 from pipeline_config import PipelineConfig, fingerprint
-from tasks.artifacts import (DatasetArtifact, ModelArtifact, Published, find_published, join, read_json, remove_tree,
-                             reuse_or_publish, stage_dir, write_json_atomic)
+from tasks import storage
+from tasks.artifacts import (DatasetArtifact, ModelArtifact, Published, find_published, is_local, join, local_dataset,
+                             read_json, remove_tree, reuse_or_publish, stage_dir, write_json_atomic)
 from tasks.cluster import barrier, is_multi_worker, lost_worker_errors, run_local_workers, worker_role
 from tasks.devices import make_strategy, resolve_precision, strategy_devices, strategy_name
 from tasks.errors import PipelineError, Stopped
@@ -156,9 +158,18 @@ def model_artifact(uri: str, manifest: dict, cache_hit: bool) -> ModelArtifact:
     return ModelArtifact(uri=uri, cache_hit=cache_hit, **fields)
 
 
-def work_dir(root: str, fp: str) -> str:
-    """Checkpoints and history of a run in progress; removed once the model is published."""
-    return join(root, STAGE, f".work-{fp}")
+def work_dir(cfg: PipelineConfig, fp: str) -> str:
+    """Checkpoints and history of a run in progress, on local disk (TensorFlow writes them); removed once the
+    model is published. Under a local root it lives there; with a bucket root, in `artifacts.local_cache`,
+    mirrored to the bucket after every epoch (see `mirror_dir`)."""
+    if is_local(cfg.artifacts.root):
+        return join(cfg.artifacts.root, STAGE, f".work-{fp}")
+    return os.path.join(os.path.expanduser(cfg.artifacts.local_cache), STAGE, f".work-{fp}")
+
+
+def mirror_dir(cfg: PipelineConfig, fp: str) -> str | None:
+    """Where a bucket root keeps the work dir's copy, so that a run killed on one machine resumes on another."""
+    return None if is_local(cfg.artifacts.root) else join(cfg.artifacts.root, STAGE, f".work-{fp}")
 
 
 @dataclass
@@ -171,6 +182,7 @@ class TrainingRun:
     precision: str
     precision_reason: str
     work: str
+    mirror: str | None  # the work dir's copy in the bucket, when the root is one
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     train_input: Callable[[int, int], Any]  # (epoch, batches to skip) -> that epoch's input, shuffled by seed + epoch
@@ -215,7 +227,7 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
         return train_and_save(start_run(cfg, dataset, strategy, precision, fp), out, on_epoch)
 
     with lost_worker_errors(strategy, cfg.train.collective_timeout_s):
-        published = publish_model(root, fp, strategy, build)
+        published = publish_model(cfg, fp, strategy, build)
     if published.cache_hit:
         log.info("train cache hit: %s (trained %d epochs before)", uri, published.manifest["epochs"])
     elif worker_role(strategy)[0]:
@@ -223,11 +235,13 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
     return model_artifact(uri, published.manifest, published.cache_hit)
 
 
-def publish_model(root: str, fp: str, strategy: tf.distribute.Strategy, build: Callable[[str], dict]) -> Published:
+def publish_model(cfg: PipelineConfig, fp: str, strategy: tf.distribute.Strategy,
+                  build: Callable[[str], dict]) -> Published:
     """The chief trains and publishes through the one reuse-or-publish path. Under multi_worker the other workers
     train too (each takes part in every collective and saves, as TensorFlow's multi-worker saving needs) into a
     private directory they delete, then wait until the chief has published."""
     chief, index = worker_role(strategy)
+    root = cfg.artifacts.root
     uri = stage_dir(root, STAGE, fp)
     if chief:
         published = reuse_or_publish(root, STAGE, fp, build)
@@ -235,8 +249,8 @@ def publish_model(root: str, fp: str, strategy: tf.distribute.Strategy, build: C
         manifest = find_published(root, STAGE, fp)
         published = Published(uri, manifest or {}, cache_hit=manifest is not None)
         if not published.cache_hit:
-            scratch = join(work_dir(root, fp), f".worker-{index}")
-            tf.io.gfile.makedirs(join(scratch, "output"))
+            scratch = join(work_dir(cfg, fp), f".worker-{index}")
+            os.makedirs(join(scratch, "output"), exist_ok=True)
             try:
                 build(join(scratch, "output"))
             finally:
@@ -246,7 +260,9 @@ def publish_model(root: str, fp: str, strategy: tf.distribute.Strategy, build: C
     if is_multi_worker(strategy):
         barrier(strategy)  # the chief has published when every worker gets past this
     if chief:
-        remove_tree(work_dir(root, fp))
+        remove_tree(work_dir(cfg, fp))
+        if mirror_dir(cfg, fp):
+            remove_tree(mirror_dir(cfg, fp))
         return published
     manifest = find_published(root, STAGE, fp)
     if manifest is None:
@@ -268,10 +284,11 @@ def start_run(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distri
     keras.utils.set_random_seed(tc.seed)
     if tc.deterministic:
         tf.config.experimental.enable_op_determinism()
+    dataset = local_dataset(dataset, cfg.artifacts.local_cache)  # from a bucket: staged, verified shards
     train_input, val_data = training_inputs(cfg, dataset, strategy)
     model, optimizer = build_for_training(cfg, dataset, strategy, precision[0])
-    return TrainingRun(cfg, dataset, strategy, precision[0], precision[1], work_dir(cfg.artifacts.root, fp), model,
-                       optimizer, train_input, val_data, StopRequest())
+    return TrainingRun(cfg, dataset, strategy, precision[0], precision[1], work_dir(cfg, fp), mirror_dir(cfg, fp),
+                       model, optimizer, train_input, val_data, StopRequest())
 
 
 def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
@@ -340,19 +357,21 @@ class EpochRecorder:
                if v.name == "seed_generator_state"}
         self.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, completed_epochs=self.completed,
                                               steps_into_epoch=self.steps, **rng)
-        tf.io.gfile.makedirs(run.worker_dir)
+        os.makedirs(run.worker_dir, exist_ok=True)
         self.manager = tf.train.CheckpointManager(self.checkpoint, join(run.worker_dir, "checkpoints"), max_to_keep=2)
         self.history_path = join(run.work, "history.json")
         self.summary_writer = tf.summary.create_file_writer(join(run.worker_dir, "tensorboard"))
 
     def resume(self) -> tuple[int, int]:
         """Restore the chief's last checkpoint (on every worker): (epochs done, batches done of the next one)."""
+        if self.run.mirror and not os.path.exists(join(self.run.work, "checkpoints", "checkpoint")):
+            pull_mirror(self.run.mirror, self.run.work)  # a run killed elsewhere: its last checkpoint
         latest = tf.train.latest_checkpoint(join(self.run.work, "checkpoints"))
         if not latest:
             return 0, 0
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         done, steps = int(self.completed.numpy()), int(self.steps.numpy())
-        history = read_json(self.history_path)["epochs"] if tf.io.gfile.exists(self.history_path) else []
+        history = read_json(self.history_path)["epochs"] if os.path.exists(self.history_path) else []
         self.history = history[:done]
         log.info("resuming from checkpoint %s: %d of %d epochs already done%s", latest, done,
                  self.run.cfg.train.epochs, f", and {steps} batches of epoch {done + 1}" if steps else "")
@@ -362,6 +381,7 @@ class EpochRecorder:
         """Save a checkpoint `steps` batches into `epoch` and stop (raises Stopped)."""
         self.steps.assign(steps)
         path = self.manager.save(checkpoint_number=epoch + 1)
+        self.push_mirror()
         name = signal.Signals(self.run.stop.signal).name
         raise Stopped(f"training stopped by {name} in epoch {epoch + 1}/{self.run.cfg.train.epochs} after "
                               f"{steps} batches; checkpoint saved ({path}): run the same command again to resume")
@@ -378,6 +398,7 @@ class EpochRecorder:
         self.manager.save(checkpoint_number=epoch + 1)
         if not self.run.chief:
             return
+        self.push_mirror()
         with self.summary_writer.as_default(step=epoch + 1):
             for key, value in logs.items():
                 tf.summary.scalar(key, value)
@@ -388,8 +409,39 @@ class EpochRecorder:
         if self.on_epoch is not None:
             self.on_epoch({**record, "epochs": epochs})
 
+    def push_mirror(self) -> None:
+        """The chief's checkpoint and history.json to the bucket, the checkpoint index last."""
+        if self.run.mirror and self.run.chief:
+            push_mirror(self.run.work, self.run.mirror)
+
     def close(self) -> None:
         self.summary_writer.close()
+
+
+def push_mirror(work: str, mirror: str) -> None:
+    """Copy the work dir's checkpoints and history.json to the bucket: data files first, then history.json, then
+    the `checkpoint` index that names the newest (a copy interrupted half-way still points at a whole one); then
+    drop the checkpoints the manager deleted locally."""
+    local = {os.path.relpath(os.path.join(d, f), work).replace(os.sep, "/")
+             for d, _, names in os.walk(join(work, "checkpoints")) for f in names}
+    fs_files = storage.files_under(join(mirror, "checkpoints"))
+    for rel in sorted(local - {"checkpoints/checkpoint"}):
+        storage.upload_file(join(work, rel), join(mirror, rel))
+    if os.path.exists(join(work, "history.json")):
+        storage.upload_file(join(work, "history.json"), join(mirror, "history.json"))
+    storage.upload_file(join(work, "checkpoints", "checkpoint"), join(mirror, "checkpoints", "checkpoint"))
+    for stale in set(fs_files) - {rel.removeprefix("checkpoints/") for rel in local}:
+        storage.remove(join(mirror, "checkpoints", stale))
+
+
+def pull_mirror(mirror: str, work: str) -> None:
+    """The bucket's copy of a work dir into this machine's (empty) one."""
+    files = storage.files_under(mirror)
+    if "checkpoints/checkpoint" not in files:
+        return
+    for rel in files:
+        storage.download(join(mirror, rel), join(work, rel))
+    log.info("fetched the checkpoints of an earlier run from %s", mirror)
 
 
 def save_outputs(run: TrainingRun, recorder: EpochRecorder, out: str, extra: dict) -> None:

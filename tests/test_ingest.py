@@ -307,7 +307,7 @@ def test_streamed_ingest_keeps_every_record_once_with_a_hash_split(root, tmp_pat
     assert histogram.tolist() == np.bincount(y, minlength=10).tolist()
     assert manifest["validation_split"]["method"] == "hash of row index"
     assert manifest["validation_split"]["actual_fraction"] == len(vy) / 20000
-    assert manifest["source_hash_method"] == "file size, mtime and Parquet footer"
+    assert manifest["source_hash_method"] == "file size, modification time (ETag in a bucket) and Parquet footer"
     index = {r.tobytes(): i for i, r in enumerate(x.reshape(len(x), -1))}
     for name in dataset.shards["train"]:  # every shard holds a mix of the whole input, start to end
         sx, _ = read_records(f"{dataset.uri}/{name}", dataset.image_shape)

@@ -1,0 +1,164 @@
+"""The one storage layer: every artifact path and every input URL goes through here, local or remote.
+
+A path is a local path or a URL: `s3://bucket/prefix` (s3fs), `gs://bucket/prefix` (gcsfs), anything else fsspec
+knows. Endpoints and credentials come from each library's standard environment: `AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION` for S3; `STORAGE_EMULATOR_HOST` or
+application default credentials for GCS. TensorFlow's `tf.io.gfile` has no S3 in TF 2.21, so nothing here uses
+it: what TensorFlow or Keras must read or write (TFRecords, checkpoints, `.keras` files) is staged through a
+local directory (`artifacts.local_cache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import IO, Any
+
+import fsspec
+
+from tasks.errors import PipelineError, first_line
+
+CREDENTIAL_HINTS = {
+    "s3": "AWS_ENDPOINT_URL (for S3-compatible stores), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    "gs": "STORAGE_EMULATOR_HOST (for an emulator) or GOOGLE_APPLICATION_CREDENTIALS",
+}
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def join(*parts: str) -> str:
+    return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:] if p.strip("/")])
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `path`, and the path as that filesystem names it."""
+    if "://" in path and path.split("://", 1)[0] == "gs":
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # else gcsfs probes over gRPC first
+    return fsspec.core.url_to_fs(path)
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def open_file(path: str, mode: str = "rb") -> IO:
+    fs, p = filesystem(path)
+    if "w" in mode and is_local(path):
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    return fs.open(p, mode)
+
+
+def read_json(path: str) -> Any:
+    with open_file(path, "r") as f:
+        return json.load(f)
+
+
+def write_json(path: str, value: Any, create_only: bool = False) -> None:
+    """Write JSON so that readers see the old file or the new one, whole: a local file is written beside and
+    renamed over; an object is one PUT. `create_only` refuses to replace an existing file (FileExistsError): the
+    conditional create that makes a manifest the commit of a publication."""
+    data = json.dumps(value, indent=2, sort_keys=True).encode()
+    fs, p = filesystem(path)
+    if is_local(path):
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+        tmp = f"{p}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if create_only:
+            try:
+                os.link(tmp, p)  # fails when `p` exists: an atomic create-if-absent
+            finally:
+                os.remove(tmp)
+        else:
+            os.replace(tmp, p)
+        return
+    fs.pipe_file(p, data, mode="create" if create_only else "overwrite")
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open_file(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def listdir(path: str) -> list[str]:
+    """The names directly under `path` (files and directories); empty when it does not exist."""
+    fs, p = filesystem(path)
+    try:
+        return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def files_under(path: str) -> dict[str, int]:
+    """Every file under `path`, by path relative to it, with its size."""
+    fs, p = filesystem(path)
+    try:
+        found = fs.find(p, detail=True)
+    except FileNotFoundError:
+        return {}
+    base = p.rstrip("/") + "/"
+    return {name[len(base):]: info.get("size", 0) for name, info in found.items() if name.startswith(base)}
+
+
+def remove(path: str) -> None:
+    """Remove a file or a whole tree; nothing when it does not exist."""
+    fs, p = filesystem(path)
+    try:
+        fs.rm(p, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def upload(local_dir: str, path: str) -> None:
+    """Copy a local directory's files under `path` (a local directory or a prefix)."""
+    fs, p = filesystem(path)
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), local_dir)
+            fs.put_file(os.path.join(root, name), join(p, rel.replace(os.sep, "/")))
+
+
+def upload_file(local_path: str, path: str) -> None:
+    fs, p = filesystem(path)
+    if is_local(path):
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    fs.put_file(local_path, p)
+
+
+def download(path: str, local_path: str) -> None:
+    fs, p = filesystem(path)
+    os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
+    tmp = f"{local_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fs.get_file(p, tmp)
+    os.replace(tmp, local_path)
+
+
+def check_reachable(root: str) -> None:
+    """One clear line when a remote artifact root cannot be used: no such bucket, no credentials, no endpoint."""
+    if is_local(root):
+        return
+    scheme = root.split("://", 1)[0]
+    hint = CREDENTIAL_HINTS.get(scheme, "the credentials its fsspec filesystem reads")
+    try:
+        fs, p = filesystem(root)
+        bucket = p.split("/", 1)[0]
+        fs.ls(bucket, detail=False)
+    except ImportError as exc:
+        raise PipelineError(f"{root}: no filesystem for {scheme}:// ({first_line(exc)}): pip install s3fs or gcsfs") from None
+    except FileNotFoundError:
+        raise PipelineError(f"artifacts.root {root}: the bucket does not exist: create it, or fix the URL") from None
+    except Exception as exc:  # credentials, endpoint, permissions: each library raises its own types
+        raise PipelineError(f"artifacts.root {root} cannot be reached ({type(exc).__name__}: {first_line(exc, 160)}): "
+                            f"check the bucket and set {hint}") from None
