@@ -72,6 +72,32 @@ def start_prefect_server(home: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("prefect server did not start")
 
 
+def s3_flow(run_cmd: list[str], env: dict, work: Path) -> dict:
+    """The same cold flow with its artifact root in an S3 bucket (a moto server on loopback)."""
+    import re
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s3_env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+              "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        time.sleep(2)
+        subprocess.run([sys.executable, "-c", "import boto3; boto3.client('s3').create_bucket(Bucket='bench')"],
+                       env={**os.environ, **s3_env}, check=True)
+        cmd = [*run_cmd, "--set", "artifacts.root=s3://bench/flow", "--set", f"artifacts.local_cache={work / 's3-cache'}"]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **s3_env})
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise SystemExit(f"the S3 flow failed:\n{proc.stderr[-4000:]}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    staging = sum(float(t) for t in re.findall(r"staged \d+ shard\(s\) of .* in ([0-9.]+)s", proc.stderr))
+    return {"seconds": seconds, "staging_seconds": staging}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small subsets, about 5 minutes")
@@ -196,6 +222,10 @@ def main() -> None:
            "reported", None, flow_s=cold, bare_s=bare_flow["wall_seconds"], prefect_startup_s=prefect_start)
     figure("whole flow re-run, nothing changed (server running)", rerun_server, "s", "<= 15", rerun_server <= 15,
            temporary_server_s=rerun)
+    s3 = s3_flow(run_cmd, env, work)
+    raw["flow_s3"] = s3
+    figure("whole flow cold, S3 root (moto) / local root", s3["seconds"] / cold, "x", "reported (loopback I/O)", None,
+           s3_s=s3["seconds"], local_s=cold, staging_s=s3["staging_seconds"])
     accuracy = summary["evaluation"]["metrics"]["accuracy"]
     figure("test accuracy" + (" (quick subset, not the target run)" if quick else " (default config, full MNIST)"),
            accuracy * 100, "%", ">= 99.3", None if quick else accuracy >= 0.993,

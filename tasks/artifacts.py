@@ -295,7 +295,7 @@ def local_dataset(dataset: DatasetArtifact, cache_dir: str) -> DatasetArtifact:
     if manifest is None:
         raise PipelineError(f"{dataset.uri} is not a published dataset (no complete manifest): re-run ingest")
     local = os.path.join(os.path.expanduser(cache_dir), "ingest", dataset.fingerprint)
-    staged = 0
+    staged, started = 0, time.perf_counter()
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             path = os.path.join(local, shard["file"])
@@ -308,7 +308,7 @@ def local_dataset(dataset: DatasetArtifact, cache_dir: str) -> DatasetArtifact:
                 raise CorruptArtifact(f"shard {join(dataset.uri, shard['file'])} fails its sha256 check: re-run ingest "
                                       "(tfpipe ingest) to rebuild the dataset")
     if staged:
-        log.info("staged %d shard(s) of %s into %s", staged, dataset.uri, local)
+        log.info("staged %d shard(s) of %s into %s in %.2fs", staged, dataset.uri, local, time.perf_counter() - started)
     return dataset.model_copy(update={"uri": local})
 
 
