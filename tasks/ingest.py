@@ -265,17 +265,6 @@ def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifa
     )
 
 
-def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifact:
-    return DatasetArtifact(
-        uri=uri, fingerprint=manifest["fingerprint"], cache_hit=cache_hit,
-        source=manifest["source"], source_hash=manifest["source_hash"],
-        counts={s: info["count"] for s, info in manifest["splits"].items()},
-        image_shape=manifest["image_shape"], num_classes=manifest["num_classes"],
-        label_names=manifest["label_names"],
-        shards={s: [sh["file"] for sh in info["shards"]] for s, info in manifest["splits"].items()},
-    )
-
-
 def dataset_fingerprint(src_hash: str, cfg: DataConfig) -> str:
     section = {k: getattr(cfg, k) for k in INGEST_KEYS}
     return fingerprint({"source_hash": src_hash, "data": section, "code": INGEST_CODE_VERSION})

@@ -43,6 +43,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path
                           env=full_env, cwd=cwd or REPO)
 
 
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each process once all have exited; any still running after `timeout` is killed."""
+    import os
+    import signal
+
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
 def mnist_arrays(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     table = pq.read_table(MNIST / f"{split}.parquet").slice(0, n)
     x = np.frombuffer(table.column("image").combine_chunks().buffers()[1], np.uint8, count=n * 784).reshape(n, 28, 28, 1)

@@ -16,7 +16,7 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
                                             LogFilter, LogFilterFlowRunId)
 
 from flows.training import training_pipeline
-from tests.conftest import MNIST, REPO
+from tests.conftest import MNIST, REPO, finish
 
 TINY = {"data.limit": 300, "train.epochs": 1, "train.batch_size": 50, "evaluate.min_accuracy": 0.05}
 
@@ -208,13 +208,7 @@ def test_tfpipe_run_as_two_multi_worker_workers(prefect_server, tmp_path):
     procs = [subprocess.Popen(args, cwd=REPO, env={**worker_env(ports, i), "PREFECT_API_URL": prefect_server},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
              for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    outputs = finish(procs, timeout=300)
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
         assert "Collective ops must be configured" not in err

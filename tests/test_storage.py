@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import storage
-from tests.conftest import MNIST, REPO, invoke_cli, run_cli
+from tests.conftest import MNIST, REPO, finish, invoke_cli, run_cli
 
 TINY = {"data.limit": 300, "train.epochs": 1, "train.batch_size": 50, "evaluate.min_accuracy": 0.05}
 
@@ -180,13 +180,7 @@ def test_a_multi_worker_run_needs_only_the_bucket(s3, tmp_path):
         home.mkdir()
         procs.append(subprocess.Popen(args, cwd=REPO, env={**worker_env(ports, i), "HOME": str(home)},
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    results = finish(procs, timeout=300)
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     digests = {line.split("sha256 ")[1][:64] for _, err in results for line in err.splitlines() if "final weights sha256" in line}
