@@ -11,6 +11,7 @@ from __future__ import annotations
 import flows  # noqa: F401  (environment defaults before TensorFlow and Prefect load)
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -121,8 +122,8 @@ def evaluate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = F
 
 @app.command()
 def predict(model: Annotated[str, typer.Option(help="champion, a model directory, or a model fingerprint.")] = "champion",
-            input: Annotated[str, typer.Option("--input", "-i", help="Parquet file/dir, .npz with x, or cache:FINGERPRINT[/SPLIT].")] = ...,
-            output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write.")] = ...,
+            input: Annotated[str, typer.Option("--input", "-i", help="Parquet file/dir/glob/URL, .npz with x, or cache:FINGERPRINT[/SPLIT].")] = ...,
+            output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write (engine dask: a directory of parts).")] = ...,
             allow_unblessed: Annotated[bool, typer.Option(help="Predict with a model the gate did not bless.")] = False,
             config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
     """Stream batch predictions of a model over an input into a Parquet file."""
@@ -136,6 +137,17 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
 
         return run_predict(cfg, model, input, output, allow_unblessed=allow_unblessed or None)
 
+    if cfg.predict.engine == "dask":  # one Prefect task per input file on a Dask cluster: through the flow
+        from flows.prediction import batch_prediction
+
+        with _server_loss_is_one_line():
+            manifest = _guarded(lambda: batch_prediction(
+                model=model, input=input, output=output, allow_unblessed=allow_unblessed or cfg.predict.allow_unblessed,
+                config_file=config, overrides=_overrides_dict(set)), json_out)
+        typer.echo(json.dumps(manifest, indent=2) if json_out else
+                   f"{manifest['rows']} predictions by model {manifest['model_fingerprint'][:12]} in "
+                   f"{len(manifest['parts'])} parts under {output}")
+        return
     result = _guarded(body, json_out)
     _emit(result, json_out, f"{result.rows} predictions by model {result.model_fingerprint[:12]} in {result.output}")
 

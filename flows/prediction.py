@@ -1,4 +1,5 @@
-"""The on-demand batch prediction flow."""
+"""The on-demand batch prediction flow: one process (`predict.engine: local`), or one Prefect task per input file
+on a Dask cluster through prefect-dask (`predict.engine: dask`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import dashboard
 from flows.stages import retry_transient
-from pipeline_config import load_config
+from pipeline_config import PipelineConfig, load_config
+from tasks import parts
 from tasks import predict as predict_stage
 from tasks.artifacts import PredictionArtifact
+from tasks.errors import PipelineError
 
 
 @task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -21,14 +24,70 @@ def batch_predict_task(config_file: str | None, overrides: dict[str, Any] | None
     return predict_stage.predict(cfg, model, input, output, allow_unblessed=allow_unblessed)
 
 
+@task(name="predict-file", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def predict_file_task(config_file: str | None, overrides: dict[str, Any] | None, model_fingerprint: str,
+                      input_file: str, output_dir: str, threads: int) -> dict:
+    """One input file into its part, on a Dask worker (which keeps the model loaded for its next files)."""
+    cfg = load_config(config_file, overrides)
+    return parts.predict_part(cfg, model_fingerprint, input_file, output_dir, threads)
+
+
 @flow(name="batch-prediction")
 def batch_prediction(model: str = "champion", input: str = "data/mnist/test.parquet", output: str = "predictions.parquet",
                      allow_unblessed: bool = False, config_file: str | None = None,
-                     overrides: dict[str, Any] | None = None) -> PredictionArtifact:
-    artifact = batch_predict_task(config_file, overrides, model, input, output, allow_unblessed)
-    get_run_logger().info("wrote %d predictions to %s", artifact.rows, artifact.output)
-    dashboard.markdown("batch-prediction", description="latest on-demand batch prediction", text=(
-        f"# Batch prediction\n- model `{artifact.model_fingerprint[:12]}`\n- input `{artifact.input}`\n"
-        f"- output `{artifact.output}`: {artifact.rows} rows, sha256 `{artifact.sha256[:16]}`\n"))
-    dashboard.drain()
-    return artifact
+                     overrides: dict[str, Any] | None = None) -> PredictionArtifact | dict:
+    cfg = load_config(config_file, overrides)
+    try:
+        if cfg.predict.engine == "dask":
+            return _on_dask(cfg, config_file, overrides, model, input, output, allow_unblessed)
+        artifact = batch_predict_task(config_file, overrides, model, input, output, allow_unblessed)
+        get_run_logger().info("wrote %d predictions to %s", artifact.rows, artifact.output)
+        dashboard.markdown("batch-prediction", description="latest on-demand batch prediction", text=(
+            f"# Batch prediction\n- model `{artifact.model_fingerprint[:12]}`\n- input `{artifact.input}`\n"
+            f"- output `{artifact.output}`: {artifact.rows} rows, sha256 `{artifact.sha256[:16]}`\n"))
+        return artifact
+    finally:
+        dashboard.drain()
+
+
+def _on_dask(cfg: PipelineConfig, config_file, overrides, model: str, input: str, output: str,
+             allow_unblessed: bool) -> dict:
+    """Resolve the model and the files once, then score the files on the cluster as a subflow whose task runner
+    is Dask (an existing scheduler, or a LocalCluster of processes with one thread each)."""
+    from prefect_dask import DaskTaskRunner
+
+    fingerprint = parts.resolve_blessed(cfg, model, allow_unblessed)
+    files = parts.input_files(cfg, input)
+    pc = cfg.predict
+    workers = pc.dask_workers or parts.default_workers()
+    runner = DaskTaskRunner(address=pc.dask_address) if pc.dask_address else DaskTaskRunner(cluster_kwargs={
+        "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    threads = max(1, parts.default_workers() // workers)
+    return score_files.with_options(task_runner=runner)(config_file, overrides, fingerprint, files, output, threads)
+
+
+@flow(name="batch-prediction-dask")
+def score_files(config_file: str | None, overrides: dict[str, Any] | None, model_fingerprint: str, files: list[str],
+                output_dir: str, threads: int) -> dict:
+    cfg = load_config(config_file, overrides)
+    futures = {f: predict_file_task.submit(config_file, overrides, model_fingerprint, f, output_dir, threads)
+               for f in files}
+    done, failures = [], []
+    for input_file, future in futures.items():
+        future.wait()
+        if future.state.is_completed():
+            done.append(future.result())
+        else:
+            failures.append({"input": input_file, "error": (future.state.message or "failed").splitlines()[0]})
+    manifest = parts.write_manifest(output_dir, model_fingerprint, done, failures, cfg.predict.allow_partial)
+    scored = sum(not p["skipped"] for p in done)
+    dashboard.markdown("batch-prediction", description="latest batch prediction on Dask", text="\n".join([
+        "# Batch prediction (Dask)", f"- model `{model_fingerprint[:12]}`", f"- output `{output_dir}`",
+        f"- {len(done)} of {len(files)} parts ({scored} scored now, {len(done) - scored} already there), "
+        f"{sum(p['rows'] for p in done)} rows", *[f"- FAILED `{f['input']}`: {f['error']}" for f in failures]]))
+    if failures and manifest is None:
+        raise PipelineError(f"{len(failures)} of {len(files)} input files failed ({', '.join(f['input'] for f in failures)}"
+                            f"): the other parts are written; fix or remove the failed files and run again (only the "
+                            "missing parts are scored), or set predict.allow_partial=true")
+    get_run_logger().info("%d parts in %s (%d scored now)", len(done), output_dir, scored)
+    return manifest

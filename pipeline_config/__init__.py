@@ -160,6 +160,11 @@ class PredictConfig(Section):
         "model", description="model: compute as the model was trained (the evaluation's numbers)")
     key_columns: list[str] = Field(default_factory=list)
     allow_unblessed: bool = False
+    engine: Literal["local", "dask"] = Field(
+        "local", description="local: one process streams one input; dask: one task per input file on a Dask cluster")
+    dask_address: str | None = Field(None, description="an existing scheduler (tcp://host:8786); unset: a LocalCluster")
+    dask_workers: int | None = Field(None, ge=1, description="LocalCluster worker processes (default: the CPU count)")
+    allow_partial: bool = Field(False, description="dask: write the manifest even when some input files failed")
 
 
 class ArtifactsConfig(Section):

@@ -62,7 +62,8 @@ def _cache_chunks(cfg: PipelineConfig, ref: str, batch_size: int) -> Iterator[Ch
     from tasks.reader import make_dataset
 
     root = cfg.artifacts.root
-    name, _, split = ref.partition("/")
+    name, _, rest = ref.partition("/")
+    split, _, shard = rest.partition("/")  # one shard file: what the Dask engine scores as one part
     split = split or "test"
     base = join(root, "ingest")
     candidates = [join(base, n) for n in storage.listdir(base) if n.startswith(name) and not n.startswith(".")]
@@ -72,7 +73,8 @@ def _cache_chunks(cfg: PipelineConfig, ref: str, batch_size: int) -> Iterator[Ch
     dataset = local_dataset(dataset_artifact(candidates[0], manifest, cache_hit=True), cfg.artifacts.local_cache)
     if split not in dataset.shards:
         raise PipelineError(f"cache:{ref}: no split {split!r} (splits: {', '.join(dataset.shards)})")
-    for images, _ in make_dataset(dataset, split, batch_size, raw_uint8=True).as_numpy_iterator():
+    files = [join(dataset.uri, shard)] if shard else None
+    for images, _ in make_dataset(dataset, split, batch_size, raw_uint8=True, files=files).as_numpy_iterator():
         yield images, {}
 
 
@@ -156,11 +158,24 @@ def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
     started = time.perf_counter()
     allow = cfg.predict.allow_unblessed if allow_unblessed is None else allow_unblessed
     predictor = load_predictor(cfg, model_ref, allow)
+    rows, digest = predict_into(cfg, predictor, input_path, output)
+    seconds = time.perf_counter() - started
+    log.info("predicted %d rows with model %s into %s in %.1fs", rows, predictor.fingerprint[:12], output, seconds)
+    return PredictionArtifact(output=output, rows=rows, sha256=digest, model_fingerprint=predictor.fingerprint,
+                              input=input_path, seconds=seconds)
+
+
+def predict_into(cfg: PipelineConfig, predictor: Predictor, input_path: str, output: str,
+                 extra_metadata: dict | None = None) -> tuple[int, str]:
+    """Predictions of `input_path` into the Parquet file `output` (local or in a bucket), whole or not at all:
+    (rows, sha256 of the file)."""
     remote = not storage.is_local(output)
-    if (not remote and Path(output).is_dir()) or (remote and storage.filesystem(output)[0].isdir(storage.filesystem(output)[1])):
+    fs, path = storage.filesystem(output)
+    if fs.isdir(path):
         raise PipelineError(f"--output {output} is a directory: name a .parquet file")
     metadata = {"model_fingerprint": predictor.fingerprint, "model_uri": predictor.uri,
-                "label_names": json.dumps(predictor.manifest.get("label_names")), "input": input_path}
+                "label_names": json.dumps(predictor.manifest.get("label_names")), "input": input_path,
+                **(extra_metadata or {})}
     chunks = read_chunks(cfg, input_path, predictor.image_shape)
     with tempfile.TemporaryDirectory(prefix="tfpipe-predict-") as scratch:
         # A bucket has no rename: write locally, then one upload (a whole object or none).
@@ -169,10 +184,7 @@ def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
         digest = file_sha256(str(local_output))
         if remote:
             storage.upload_file(str(local_output), output)
-    seconds = time.perf_counter() - started
-    log.info("predicted %d rows with model %s into %s in %.1fs", rows, predictor.fingerprint[:12], output, seconds)
-    return PredictionArtifact(output=output, rows=rows, sha256=digest, model_fingerprint=predictor.fingerprint,
-                              input=input_path, seconds=seconds)
+    return rows, digest
 
 
 def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path: Path, metadata: dict,

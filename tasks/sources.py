@@ -237,12 +237,9 @@ def _relative(path: str, base: str) -> str:
 
 
 def _parquet_identity(path: str, base: str) -> str:
-    """Size, modification time or the store's checksum (an S3 ETag, a GCS md5/crc32c), and the footer."""
-    fs, p = storage.filesystem(path)
-    info = fs.info(p)
-    stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime")
+    """The file's cheap identity (size, and mtime or the store's checksum) and its Parquet footer."""
     footer = hashlib.sha256(str(open_parquet(path).metadata.to_dict()).encode()).hexdigest()
-    return f"{_relative(path, base)}:{info.get('size')}:{stamp}:{footer}"
+    return f"{_relative(path, base)}:{storage.file_identity(path)}:{footer}"
 
 
 def _tfds_hash(name: str, cfg: DataConfig) -> str:

@@ -92,6 +92,18 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def file_identity(path: str) -> str:
+    """A cheap identity of a file's content: its size with the store's checksum (an S3 ETag, a GCS md5 or
+    crc32c) or, locally, its modification time."""
+    fs, p = filesystem(path)
+    try:
+        info = fs.info(p)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} does not exist: check the path") from None
+    stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime")
+    return sha256_text(f"{info.get('size')}:{stamp}")
+
+
 def listdir(path: str) -> list[str]:
     """The names directly under `path` (files and directories); empty when it does not exist."""
     fs, p = filesystem(path)

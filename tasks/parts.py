@@ -1,0 +1,146 @@
+"""Batch prediction of many input files, one output part per file: the logic the Dask engine runs as one Prefect
+task per file (flows/prediction.py), testable without Prefect or Dask.
+
+Input: a Parquet file, every `.parquet` under a directory or bucket prefix, the files a glob matches, or the
+shards of a cache split (`cache:FINGERPRINT[/SPLIT]`). Output: a directory (or prefix) holding
+`part-<input-name>.parquet` for each input, written whole or not at all, and `_manifest.json` listing every part
+with its input's hash, rows and sha256, written last. A part whose input hash and model match is not scored
+again, so a re-run after a crash scores only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pyarrow.parquet as pq
+
+from pipeline_config import PipelineConfig
+from tasks import storage
+from tasks.artifacts import join, read_manifest
+from tasks.champion import blessed_models, resolve_model
+from tasks.errors import PipelineError, first_line
+from tasks.images import parquet_files
+
+log = logging.getLogger("tfpipe.predict")
+
+MANIFEST = "_manifest.json"
+_predictors: dict[tuple, object] = {}  # per worker process: the model is loaded once for all its files
+
+
+def input_files(cfg: PipelineConfig, input_path: str) -> list[str]:
+    """The files to score, one part each."""
+    if input_path.startswith("cache:"):
+        name, _, split = input_path.removeprefix("cache:").partition("/")
+        base = join(cfg.artifacts.root, "ingest")
+        matches = [n for n in storage.listdir(base) if n.startswith(name) and not n.startswith(".")]
+        manifest = read_manifest(join(base, matches[0])) if len(matches) == 1 else None
+        if manifest is None or (split or "test") not in manifest["splits"]:
+            raise PipelineError(f"{input_path} names no published dataset split under {base}: pass a full fingerprint")
+        return [f"{input_path.split('/')[0]}/{split or 'test'}/{s['file']}" for s in manifest["splits"][split or "test"]["shards"]]
+    if any(c in input_path for c in "*?["):
+        fs, pattern = storage.filesystem(input_path)
+        scheme = input_path.split("://", 1)[0] + "://" if "://" in input_path else ""
+        files = sorted(f"{scheme}{f}" for f in fs.glob(pattern))
+        if not files:
+            raise PipelineError(f"{input_path} matches no file: check the pattern")
+        return files
+    return parquet_files(input_path)
+
+
+def part_name(input_file: str) -> str:
+    stem = input_file.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".parquet", ".tfrecord"):
+        stem = stem.removesuffix(suffix)
+    return f"part-{stem}.parquet"
+
+
+def resolve_blessed(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -> str:
+    """The model's fingerprint, resolved once for the whole run (the champion may move meanwhile)."""
+    _, manifest = resolve_model(cfg.artifacts.root, model_ref)
+    if not allow_unblessed and manifest["fingerprint"] not in blessed_models(cfg.artifacts.root):
+        raise PipelineError(f"model {manifest['fingerprint'][:12]} was not blessed by the evaluation gate: use the "
+                            "champion, or pass --allow-unblessed to predict with it anyway")
+    return manifest["fingerprint"]
+
+
+def limit_threads(threads: int) -> None:
+    """TensorFlow's thread pools sized to this worker's share of the cores (before its first op), so that N
+    workers on one machine do not oversubscribe it."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TensorFlow already started in this process: its pools stay as they are
+
+
+def _predictor(cfg: PipelineConfig, model_fingerprint: str):
+    from tasks.predict import load_predictor
+
+    key = (cfg.artifacts.root, model_fingerprint, cfg.predict.precision)
+    if key not in _predictors:
+        _predictors[key] = load_predictor(cfg, model_fingerprint, allow_unblessed=True)  # checked by the caller
+    return _predictors[key]
+
+
+def predict_part(cfg: PipelineConfig, model_fingerprint: str, input_file: str, output_dir: str,
+                 threads: int | None = None) -> dict:
+    """Score one input file into its part, or skip it when the part already holds this input with this model."""
+    from tasks.predict import predict_into
+
+    if threads:
+        limit_threads(threads)
+    part = join(output_dir, part_name(input_file))
+    input_hash = storage.file_identity(_source_file(cfg, input_file))
+    done = _existing_part(part)
+    if done.get("input_hash") == input_hash and done.get("model_fingerprint") == model_fingerprint:
+        return {"input": input_file, "input_hash": input_hash, "part": part_name(input_file), "rows": done["rows"],
+                "sha256": storage.sha256(part), "model_fingerprint": model_fingerprint, "skipped": True}
+    predictor = _predictor(cfg, model_fingerprint)
+    try:
+        rows, digest = predict_into(cfg, predictor, input_file, part, {"input_hash": input_hash})
+    except PipelineError as exc:
+        raise PipelineError(f"{input_file}: {exc}") from None
+    log.info("scored %s: %d rows into %s", input_file, rows, part)
+    return {"input": input_file, "input_hash": input_hash, "part": part_name(input_file), "rows": rows,
+            "sha256": digest, "model_fingerprint": model_fingerprint, "skipped": False}
+
+
+def _source_file(cfg: PipelineConfig, input_file: str) -> str:
+    """Where an input file's bytes are: a cache shard lives in the dataset's directory."""
+    if not input_file.startswith("cache:"):
+        return input_file
+    name, split, shard = input_file.removeprefix("cache:").split("/")
+    base = join(cfg.artifacts.root, "ingest")
+    fp = next(n for n in storage.listdir(base) if n.startswith(name))
+    return join(base, fp, shard)
+
+
+def _existing_part(part: str) -> dict:
+    """The input hash, model and rows an existing part was written with ({} when there is none, or unreadable)."""
+    try:
+        with storage.open_file(part) as f:
+            parquet = pq.ParquetFile(f)
+            meta = {k.decode(): v.decode() for k, v in (parquet.schema_arrow.metadata or {}).items()}
+            return {**meta, "rows": parquet.metadata.num_rows}
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("%s is unreadable (%s): scoring it again", part, first_line(exc))
+        return {}
+
+
+def write_manifest(output_dir: str, model_fingerprint: str, parts: list[dict], failures: list[dict],
+                   allow_partial: bool) -> dict | None:
+    """`_manifest.json`, last, when every part exists (or, with allow_partial, listing the failures)."""
+    if failures and not allow_partial:
+        return None
+    manifest = {"model_fingerprint": model_fingerprint, "parts": sorted(parts, key=lambda p: p["part"]),
+                "failures": failures, "rows": sum(p["rows"] for p in parts), "complete": not failures}
+    storage.write_json(join(output_dir, MANIFEST), manifest)
+    return manifest
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,149 @@
+"""Batch prediction on a Dask cluster (prefect-dask, a real LocalCluster of processes, a real Prefect server): one
+task per input file, resumable per file, a killed worker and a corrupt file handled."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import storage
+from tests.conftest import MNIST, run_cli
+
+DASK = {"predict.engine": "dask", "predict.dask_workers": 2}
+
+
+@pytest.fixture(scope="module")
+def blessed(trained):
+    from tasks.evaluate import evaluate
+
+    cfg, dataset, model = trained
+    assert evaluate(cfg, dataset, model).blessed
+    return cfg, model
+
+
+def split_inputs(directory, files: int, rows: int):
+    directory.mkdir()
+    table = pq.read_table(MNIST / "test.parquet").slice(0, files * rows)
+    table = table.append_column("sample_id", pa.array([f"s{i}" for i in range(len(table))]))
+    for i in range(files):
+        pq.write_table(table.slice(i * rows, rows), directory / f"batch-{i:02d}.parquet")
+    return table
+
+
+def overrides(cfg, **extra):
+    return {"artifacts.root": cfg.artifacts.root, "predict.key_columns": ["sample_id"], **DASK, **extra}
+
+
+def test_twenty_files_on_two_workers_equal_the_local_engine(prefect_server, blessed, tmp_path):
+    from flows.prediction import batch_prediction
+    from tasks.predict import predict
+    from tests.test_flows import api
+
+    cfg, model = blessed
+    table = split_inputs(tmp_path / "in", 20, 50)
+    out = tmp_path / "out"
+    state = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out),
+                             overrides=overrides(cfg), return_state=True)
+    assert state.is_completed(), state.message
+    manifest = storage.read_json(str(out / "_manifest.json"))
+    assert manifest["complete"] and manifest["rows"] == 1000 and len(manifest["parts"]) == 20
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [f"part-batch-{i:02d}.parquet" for i in range(20)]
+    scored = pq.read_table(out).sort_by("sample_id")  # the directory as one Parquet dataset
+    assert scored.num_rows == 1000 and len(set(scored.column("sample_id").to_pylist())) == 1000  # each row once
+    first = pq.read_table(out / "part-batch-03.parquet")
+    assert first.column("sample_id").to_pylist() == [f"s{i}" for i in range(150, 200)]  # input order kept
+    local_cfg = cfg.model_copy(deep=True)
+    local_cfg.predict.key_columns = ["sample_id"]
+    src = tmp_path / "all.parquet"
+    pq.write_table(table, src)
+    local = pq.read_table(predict(local_cfg, "champion", str(src), str(tmp_path / "local.parquet")).output).sort_by("sample_id")
+    np.testing.assert_array_equal(scored.column("predicted_label").to_numpy(), local.column("predicted_label").to_numpy())
+    np.testing.assert_allclose(np.array(scored.column("probabilities").to_pylist()),
+                               np.array(local.column("probabilities").to_pylist()), atol=1e-6)
+    runs = api(lambda c: c.read_task_runs())
+    flow_run_ids = {r.flow_run_id for r in runs if r.name.startswith("predict-file")}
+    per_file = [r for r in runs if r.name.startswith("predict-file") and r.state.is_completed()]
+    assert len(per_file) >= 20 and len(flow_run_ids) >= 1
+
+    # a re-run after two parts were lost scores only those two
+    (out / "part-batch-05.parquet").unlink()
+    (out / "part-batch-17.parquet").unlink()
+    again = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg))
+    assert sorted(p["part"] for p in again["parts"] if not p["skipped"]) == ["part-batch-05.parquet", "part-batch-17.parquet"]
+    assert again["rows"] == 1000
+
+
+def test_a_corrupt_file_fails_alone_and_no_manifest_is_written(prefect_server, blessed, tmp_path):
+    from flows.prediction import batch_prediction
+
+    cfg, _ = blessed
+    split_inputs(tmp_path / "in", 4, 30)
+    (tmp_path / "in" / "batch-02.parquet").write_bytes(b"not parquet at all")
+    out = tmp_path / "out"
+    state = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg),
+                             return_state=True)
+    assert state.is_failed()
+    assert "1 of 4 input files failed" in state.message and "batch-02.parquet" in state.message
+    assert sorted(p.name for p in out.iterdir()) == ["part-batch-00.parquet", "part-batch-01.parquet", "part-batch-03.parquet"]
+    partial = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out),
+                               overrides=overrides(cfg, **{"predict.allow_partial": True}))
+    assert [f["input"].rsplit("/", 1)[1] for f in partial["failures"]] == ["batch-02.parquet"]
+    assert not partial["complete"] and partial["rows"] == 90 and (out / "_manifest.json").exists()
+
+
+def worker_pids() -> set[int]:
+    """Dask worker processes started by this test process (multiprocessing spawn children)."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            status = open(f"/proc/{pid}/status").read()
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if ppid == os.getpid() and b"spawn_main" in cmdline:
+            found.add(int(pid))
+    return found
+
+
+def test_a_killed_worker_loses_no_part(prefect_server, blessed, tmp_path):
+    from flows.prediction import batch_prediction
+
+    cfg, _ = blessed
+    split_inputs(tmp_path / "in", 12, 400)
+    out = tmp_path / "out"
+    result = {}
+    run = threading.Thread(target=lambda: result.update(state=batch_prediction(
+        model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg), return_state=True)))
+    run.start()
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out.exists() and any(p.suffix == ".parquet" for p in out.iterdir())):
+        time.sleep(0.05)
+    victims = worker_pids()
+    assert victims, "no Dask worker process found"
+    os.kill(sorted(victims)[0], signal.SIGKILL)
+    run.join(timeout=300)
+    assert result["state"].is_completed(), result["state"].message
+    manifest = storage.read_json(str(out / "_manifest.json"))
+    assert manifest["rows"] == 4800 and len(manifest["parts"]) == 12
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [f"part-batch-{i:02d}.parquet" for i in range(12)]
+    assert pq.read_table(out).num_rows == 4800  # no part duplicated, none missing
+
+
+def test_cli_predict_with_the_dask_engine(prefect_server, blessed, tmp_path):
+    cfg, model = blessed
+    split_inputs(tmp_path / "in", 3, 20)
+    result = run_cli("predict", "--set", f"artifacts.root={cfg.artifacts.root}", "--set", "predict.engine=dask",
+                     "--set", "predict.dask_workers=2", "--input", str(tmp_path / "in" / "*.parquet"),
+                     "--output", str(tmp_path / "out"), env={"PREFECT_API_URL": prefect_server})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == (f"60 predictions by model {model.fingerprint[:12]} in 3 parts "
+                                                      f"under {tmp_path / 'out'}")
+    assert "CommClosedError" not in result.stderr
