@@ -39,8 +39,10 @@ def encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.Te
 
 def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuffle_buffer: int | None = None,
                  seed: int | None = None, label_mode: str = "sparse", files: list[str] | None = None,
-                 raw_uint8: bool = False, record_shard: tuple[int, int] | None = None) -> tf.data.Dataset:
-    """Batched (images, labels) from one split. `shuffle_buffer=None` keeps the stored order."""
+                 raw_uint8: bool = False, record_shard: tuple[int, int] | None = None,
+                 records: int | None = None) -> tf.data.Dataset:
+    """Batched (images, labels) from one split. `shuffle_buffer=None` keeps the stored order; `records` reads
+    only the first that many."""
     paths = files if files is not None else shard_paths(dataset, split)
     ds = tf.data.Dataset.from_tensor_slices(paths)
     if record_shard is not None:  # (count, index): every count-th record of the stored order, then shuffled
@@ -55,9 +57,12 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
         ds = ds.shuffle(shuffle_buffer, seed=seed)
     else:  # stored order, shard after shard (evaluation and prediction line up with the source rows)
         ds = ds.flat_map(tf.data.TFRecordDataset)
+    if records is not None:
+        ds = ds.take(records)
     ds = ds.batch(batch_size)
     if files is None:  # known length: Keras sizes its epochs without running out of data
-        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-dataset.counts[split] // batch_size)))
+        count = dataset.counts[split] if records is None else min(records, dataset.counts[split])
+        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
     image_shape, num_classes = dataset.image_shape, dataset.num_classes
 
     def parse(serialized):

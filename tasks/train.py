@@ -307,6 +307,14 @@ def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
             return data
         return data.skip(skip) if isinstance(data, tf.data.Dataset) else (lambda context: data(context).skip(skip))
 
+    if tc.mode == "fit" and strategy.num_replicas_in_sync > 1:
+        # Keras' evaluation in fit fails under MirroredStrategy when the last validation batch splits unevenly over
+        # the replicas (AddN of unequal shapes): validate on a multiple of the replica count (at most
+        # replicas - 1 records fewer).
+        count = dataset.counts["validation"]
+        even = count - count % strategy.num_replicas_in_sync
+        return train_input, make_dataset(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss],
+                                         records=even)
     return train_input, make(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss])
 
 

@@ -28,6 +28,9 @@ def s3():
     import boto3
     from moto.server import ThreadedMotoServer
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -115,7 +118,7 @@ def test_ingest_train_evaluate_predict_on_a_gcs_root(gcs, tmp_path):
 
 def test_killed_on_one_machine_resumes_on_another_with_an_empty_scratch(s3, tmp_path):
     root = "s3://tfp/resume"
-    common = {"artifacts.root": root, "data.limit": 3000, "train.epochs": 3, "train.batch_size": 64,
+    common = {"artifacts.root": root, "data.limit": 3000, "train.epochs": 4, "train.batch_size": 64,
               "train.precision": "float32"}
     first = tmp_path / "machine-a"
     first.mkdir()
@@ -140,8 +143,9 @@ def test_killed_on_one_machine_resumes_on_another_with_an_empty_scratch(s3, tmp_
     result = run_cli("train", "--json", *sets({**common, "artifacts.local_cache": second / "cache"}), cwd=second)
     assert result.returncode == 0, result.stderr[-3000:]
     artifact = json.loads(result.stdout)
-    assert artifact["resumed_from_epoch"] >= 1 and "fetched the checkpoints of an earlier run" in result.stderr
-    assert [h["epoch"] for h in storage.read_json(f"{artifact['uri']}/history.json")["epochs"]] == [1, 2, 3]
+    assert artifact["resumed_from_epoch"] >= 1, result.stderr[-3000:]
+    assert "fetched the checkpoints of an earlier run" in result.stderr
+    assert [h["epoch"] for h in storage.read_json(f"{artifact['uri']}/history.json")["epochs"]] == [1, 2, 3, 4]
 
 
 def test_two_concurrent_publishes_of_one_fingerprint_leave_one_complete_output(s3, tmp_path):
