@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import socket
 
 import pyarrow.parquet as pq
 
@@ -105,7 +107,13 @@ def predict_part(cfg: PipelineConfig, model_fingerprint: str, input_file: str, o
         raise PipelineError(f"{input_file}: {exc}") from None
     log.info("scored %s: %d rows into %s", input_file, rows, part)
     return {"input": input_file, "input_hash": input_hash, "part": part_name(input_file), "rows": rows,
-            "sha256": digest, "model_fingerprint": model_fingerprint, "skipped": False}
+            "sha256": digest, "model_fingerprint": model_fingerprint, "skipped": False,
+            "worker": f"{socket.gethostname()}:{os.getpid()}", "worker_peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (how much a worker needs, as its files go by)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _source_file(cfg: PipelineConfig, input_file: str) -> str:

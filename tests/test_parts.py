@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
 
 from tasks import storage
 from tests.conftest import MNIST, run_cli
@@ -47,6 +48,7 @@ def test_twenty_files_on_two_workers_equal_the_local_engine(prefect_server, bles
     cfg, model = blessed
     table = split_inputs(tmp_path / "in", 20, 50)
     out = tmp_path / "out"
+    started = time.time()
     state = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out),
                              overrides=overrides(cfg), return_state=True)
     assert state.is_completed(), state.message
@@ -65,10 +67,12 @@ def test_twenty_files_on_two_workers_equal_the_local_engine(prefect_server, bles
     np.testing.assert_array_equal(scored.column("predicted_label").to_numpy(), local.column("predicted_label").to_numpy())
     np.testing.assert_allclose(np.array(scored.column("probabilities").to_pylist()),
                                np.array(local.column("probabilities").to_pylist()), atol=1e-6)
-    runs = api(lambda c: c.read_task_runs())
-    flow_run_ids = {r.flow_run_id for r in runs if r.name.startswith("predict-file")}
-    per_file = [r for r in runs if r.name.startswith("predict-file") and r.state.is_completed()]
-    assert len(per_file) >= 20 and len(flow_run_ids) >= 1
+    children = api(lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=False))))
+    subflow = [r for r in children if r.name and r.start_time and r.start_time.timestamp() >= started][0]
+    per_file = api(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [subflow.id]})))
+    assert sorted(r.name.rsplit("-", 1)[0] for r in per_file) == ["predict-file"] * 20  # one task run per file
+    assert all(r.state.is_completed() for r in per_file)
 
     # a re-run after two parts were lost scores only those two
     (out / "part-batch-05.parquet").unlink()
@@ -147,3 +151,18 @@ def test_cli_predict_with_the_dask_engine(prefect_server, blessed, tmp_path):
     assert result.stdout.strip().splitlines()[-1] == (f"60 predictions by model {model.fingerprint[:12]} in 3 parts "
                                                       f"under {tmp_path / 'out'}")
     assert "CommClosedError" not in result.stderr
+
+
+def test_a_cache_split_is_scored_one_part_per_shard(prefect_server, blessed, tmp_path):
+    from flows.prediction import batch_prediction
+
+    from tasks.ingest import ingest
+
+    cfg, _ = blessed
+    dataset = ingest(cfg.data, cfg.artifacts.root)  # the session's tiny dataset: its test split, a part per shard
+    out = tmp_path / "out"
+    manifest = batch_prediction(model="champion", input=f"cache:{dataset.fingerprint[:16]}/test", output=str(out),
+                                overrides={"artifacts.root": cfg.artifacts.root, **DASK})
+    assert [p["part"] for p in manifest["parts"]] == [f"part-{n.removesuffix('.tfrecord')}.parquet"
+                                                      for n in sorted(dataset.shards["test"])]
+    assert manifest["rows"] == dataset.counts["test"] == pq.read_table(out).num_rows
