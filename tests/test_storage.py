@@ -140,7 +140,8 @@ def test_killed_on_one_machine_resumes_on_another_with_an_empty_scratch(s3, tmp_
             proc.wait()
     second = tmp_path / "machine-b"
     second.mkdir()
-    result = run_cli("train", "--json", *sets({**common, "artifacts.local_cache": second / "cache"}), cwd=second)
+    result = run_cli("train", "--json", *sets({**common, "artifacts.local_cache": second / "cache"}), cwd=second,
+                     env={"PYTHONPATH": str(REPO)})  # this checkout's code, from another directory
     assert result.returncode == 0, result.stderr[-3000:]
     artifact = json.loads(result.stdout)
     assert artifact["resumed_from_epoch"] >= 1, result.stderr[-3000:]
