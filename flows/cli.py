@@ -198,13 +198,15 @@ def _server_loss_is_one_line():
     """A Prefect server that went away for good (after the client's retries): one line, exit 1, at once."""
     import httpx
 
+    from tasks.errors import first_line
+
     try:
         yield
     except httpx.TransportError as exc:
         from prefect.settings import PREFECT_API_URL
 
         typer.echo(f"tfpipe: error: lost the Prefect server at {PREFECT_API_URL.value() or 'its temporary address'} "
-                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the stages that finished "
+                   f"({type(exc).__name__}: {first_line(exc)}); the stages that finished "
                    "published their outputs: re-run once the server is back and they are reused", err=True)
         sys.stdout.flush()
         sys.stderr.flush()

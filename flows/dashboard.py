@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from prefect import artifacts
 
+from tasks.errors import first_line
+
 log = logging.getLogger("tfpipe.dashboard")
 
 _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfpipe-dashboard")
@@ -30,7 +32,7 @@ def _call(fn: Callable[..., Any], *args, **kwargs) -> Future:
             if not _warned:
                 _warned = True
                 log.warning("dashboard update failed (%s: %s); the run goes on without dashboard updates",
-                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                            type(exc).__name__, first_line(exc))
             return None
 
     context = contextvars.copy_context()  # the task run the artifact belongs to
