@@ -64,7 +64,8 @@ def render(results_path: Path) -> str:
 
 
 def newest_full_run() -> Path:
-    runs = sorted(p for p in (REPO / "bench" / "results").glob("*.json") if not p.stem.endswith("-quick"))
+    runs = sorted(p for p in (REPO / "bench" / "results").glob("*.json")
+                  if not p.stem.endswith(("-quick", "-dask")))  # the full runs of python -m bench
     if not runs:
         raise SystemExit("no full bench run in bench/results/: run python -m bench first")
     return runs[-1]
