@@ -102,6 +102,18 @@ class OptimizerConfig(Section):
     name: Literal["sgd", "rmsprop", "adam"] = "adam"
     learning_rate: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, description="sgd only")
+    clipnorm: float | None = Field(None, gt=0, description="clip each gradient to this norm")
+    weight_decay: float | None = Field(None, gt=0, description="decoupled weight decay (adam becomes AdamW)")
+
+
+class LrScheduleConfig(Section):
+    """The learning rate over training: the same Keras schedule object drives fit and the custom loop."""
+
+    name: Literal["constant", "cosine", "step"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0, description="cosine: linear warm-up from 0 to learning_rate")
+    min_lr: float = Field(0.0, ge=0, description="cosine: the rate it decays to")
+    boundaries: list[int] = Field(default_factory=list, description="step: epochs after which the rate drops")
+    factor: float = Field(0.1, gt=0, description="step: the rate is multiplied by this at each boundary")
 
 
 class TrainConfig(Section):
@@ -112,6 +124,8 @@ class TrainConfig(Section):
     loss: Literal["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy"] = (
         "sparse_categorical_crossentropy")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="categorical and binary crossentropy only")
     strategy: Literal["auto", "mirrored", "one_device", "multi_worker"] = "auto"
     devices: list[str] | None = None
     cpu_replicas: int | None = Field(None, ge=1)
@@ -139,6 +153,11 @@ class TrainConfig(Section):
         if self.multi_worker and self.mode == "fit":
             raise ValueError("train.mode=fit cannot run under multi_worker: Keras 3 model.fit fails under "
                              "MultiWorkerMirroredStrategy (keras-team/keras#20585); use train.mode=custom (or auto)")
+        if self.lr_schedule.name == "cosine" and self.lr_schedule.warmup_epochs >= self.epochs:
+            raise ValueError(f"train.lr_schedule.warmup_epochs={self.lr_schedule.warmup_epochs:g} leaves no epoch to "
+                             f"decay over (train.epochs={self.epochs}): use fewer warm-up epochs")
+        if self.label_smoothing and self.loss == "sparse_categorical_crossentropy":
+            raise ValueError("train.label_smoothing needs one-hot labels: use train.loss=categorical_crossentropy")
         if self.cpu_replicas and self.strategy == "one_device":
             raise ValueError("cpu_replicas mirrors over several CPU devices: it cannot be used with strategy one_device")
         if self.cpu_replicas and self.strategy == "multi_worker":

@@ -84,12 +84,11 @@ class MacroPrecisionRecall(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes, "kind": self.kind, "label_mode": self.label_mode}
 
 
-def make_loss(name: str, reduction: str | None = "sum_over_batch_size") -> keras.losses.Loss:
-    return {
-        "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
-        "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
-        "binary_crossentropy": keras.losses.BinaryCrossentropy,
-    }[name](reduction=reduction)
+def make_loss(name: str, reduction: str | None = "sum_over_batch_size", label_smoothing: float = 0.0) -> keras.losses.Loss:
+    if name == "sparse_categorical_crossentropy":  # no label smoothing on integer labels (the config says so)
+        return keras.losses.SparseCategoricalCrossentropy(reduction=reduction)
+    loss = keras.losses.CategoricalCrossentropy if name == "categorical_crossentropy" else keras.losses.BinaryCrossentropy
+    return loss(reduction=reduction, label_smoothing=label_smoothing)
 
 
 def make_accuracy(loss: str, name: str = "accuracy") -> keras.metrics.Metric:
@@ -108,17 +107,43 @@ def make_metrics(loss: str, num_classes: int, prefix: str = "") -> list[keras.me
             MacroPrecisionRecall(classes, "recall", mode, name=f"{prefix}recall")]
 
 
-def make_optimizer(cfg: PipelineConfig, precision: str) -> keras.optimizers.Optimizer:
+def learning_rate(cfg: PipelineConfig, steps_per_epoch: int):
+    """train.optimizer.learning_rate shaped by train.lr_schedule, in optimizer steps (restored with the optimizer's
+    iteration count, so a resumed run continues on the same curve)."""
+    rate, sc, epochs = cfg.train.optimizer.learning_rate, cfg.train.lr_schedule, cfg.train.epochs
+    if sc.name == "cosine":
+        warmup = int(round(sc.warmup_epochs * steps_per_epoch))
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else rate, decay_steps=epochs * steps_per_epoch - warmup, alpha=sc.min_lr / rate,
+            warmup_target=rate if warmup else None, warmup_steps=warmup)
+    if sc.name == "step" and sc.boundaries:
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            # the first step of epoch b + 1 is step b * steps_per_epoch, past the boundary (Keras: step > boundary)
+            [b * steps_per_epoch - 1 for b in sc.boundaries], [rate * sc.factor ** i for i in range(len(sc.boundaries) + 1)])
+    return rate
+
+
+def make_optimizer(cfg: PipelineConfig, precision: str, steps_per_epoch: int = 1) -> keras.optimizers.Optimizer:
     opt = cfg.train.optimizer
+    rate = learning_rate(cfg, steps_per_epoch)
+    common = {"clipnorm": opt.clipnorm, "weight_decay": opt.weight_decay}
     if opt.name == "sgd":
-        optimizer = keras.optimizers.SGD(opt.learning_rate, momentum=opt.momentum)
+        optimizer = keras.optimizers.SGD(rate, momentum=opt.momentum, **common)
     elif opt.name == "rmsprop":
-        optimizer = keras.optimizers.RMSprop(opt.learning_rate)
+        optimizer = keras.optimizers.RMSprop(rate, **common)
+    elif opt.weight_decay:
+        optimizer = keras.optimizers.AdamW(rate, weight_decay=opt.weight_decay, clipnorm=opt.clipnorm)
     else:
-        optimizer = keras.optimizers.Adam(opt.learning_rate)
+        optimizer = keras.optimizers.Adam(rate, clipnorm=opt.clipnorm)
     if precision == "mixed_float16":  # fp16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    """The rate the optimizer applies at its current step."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return float(keras.ops.convert_to_numpy(inner.learning_rate))
 
 
 def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: str) -> str:
@@ -323,7 +348,7 @@ def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: 
     """Model and optimizer, both created inside the strategy scope (the optimizer built, as the custom loop needs)."""
     with strategy.scope():
         model = build_model(cfg.model, dataset.image_shape, dataset.num_classes, cfg.train.loss, precision)
-        optimizer = make_optimizer(cfg, precision)
+        optimizer = make_optimizer(cfg, precision, -(-dataset.counts["train"] // cfg.train.batch_size))
         optimizer.build(model.trainable_variables)
     return model, optimizer
 
@@ -397,7 +422,8 @@ class EpochRecorder:
     def end_epoch(self, epoch: int, logs: dict, train_seconds: float, wall_seconds: float) -> None:
         train_count = self.run.dataset.counts["train"]
         record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}, "train_seconds": train_seconds,
-                  "wall_seconds": wall_seconds, "images_per_second": train_count / max(train_seconds, 1e-9)}
+                  "wall_seconds": wall_seconds, "images_per_second": train_count / max(train_seconds, 1e-9),
+                  "learning_rate": current_learning_rate(self.run.optimizer)}  # the rate the next step applies
         self.history.append(record)
         if self.run.chief:  # before the checkpoint: history.json always covers the epochs a checkpoint says are done
             write_json_atomic(self.history_path, {"epochs": self.history})
@@ -511,7 +537,7 @@ def _fit(run: TrainingRun, start_epoch: int, start_step: int, recorder: EpochRec
     """compile + fit, one epoch per fit call so that each epoch reads its own input (see training_inputs)."""
     tc = run.cfg.train
     with run.strategy.scope():
-        run.model.compile(optimizer=run.optimizer, loss=make_loss(tc.loss),
+        run.model.compile(optimizer=run.optimizer, loss=make_loss(tc.loss, label_smoothing=tc.label_smoothing),
                           metrics=make_metrics(tc.loss, run.dataset.num_classes))
     for epoch in range(start_epoch, tc.epochs):
         if run.stop.signal is not None:
@@ -547,7 +573,7 @@ class CustomSteps:
         self.run = run
         tc = run.cfg.train
         with run.strategy.scope():
-            self.loss_object = make_loss(tc.loss, reduction=None)  # per example: averaged over the global batch
+            self.loss_object = make_loss(tc.loss, reduction=None, label_smoothing=tc.label_smoothing)  # per example
             self.train_loss = keras.metrics.Mean(name="train_loss")
             self.test_loss = keras.metrics.Mean(name="test_loss")
             self.train_metrics = make_metrics(tc.loss, run.dataset.num_classes)

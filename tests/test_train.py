@@ -14,6 +14,7 @@ import tensorflow as tf
 from tasks.devices import make_strategy
 from tasks.ingest import ingest
 from tasks.reader import make_dataset
+from pipeline_config import ConfigError
 from tasks.model import load_model
 from tasks.train import make_loss, run_epochs, start_run, train
 from tests.conftest import REPO, invoke_cli, run_cli, make_config, mnist_arrays, write_parquet_source
@@ -252,3 +253,47 @@ def test_published_model_loads_in_plain_keras_in_a_fresh_process(trained, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = load_model(f"{artifact.uri}/model.keras").predict(x, verbose=0)
     np.testing.assert_allclose(np.array(json.loads(proc.stdout.strip().splitlines()[-1])), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_learning_rate_schedules_follow_their_formula_per_epoch(root, mode, schedule):
+    import math
+
+    sets = ["data.limit=300", "train.epochs=4", "train.batch_size=50", f"train.mode={mode}",
+            "train.optimizer.learning_rate=0.01", f"train.lr_schedule.name={schedule}"]
+    sets += (["train.lr_schedule.warmup_epochs=1", "train.lr_schedule.min_lr=0.001"] if schedule == "cosine"
+             else ["train.lr_schedule.boundaries=[1, 3]", "train.lr_schedule.factor=0.5"])
+    cfg = make_config(root, *sets)
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    artifact = train(cfg, dataset)
+    steps = -(-dataset.counts["train"] // 50)
+    rates = [h["learning_rate"] for h in json.load(open(f"{artifact.uri}/history.json"))["epochs"]]
+
+    def expected(epoch: int) -> float:  # the rate of the first step after `epoch` epochs
+        t = epoch * steps
+        if schedule == "step":
+            return 0.01 * 0.5 ** sum(epoch >= b for b in (1, 3))
+        if t < steps:
+            return 0.01 * t / steps
+        progress = (t - steps) / (4 * steps - steps)
+        return 0.001 + (0.01 - 0.001) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    assert rates == pytest.approx([expected(e) for e in range(1, 5)], rel=1e-4, abs=1e-7)
+
+
+def test_label_smoothing_clipnorm_and_weight_decay_reach_the_optimizer_and_loss():
+    from tasks.train import make_loss, make_optimizer
+
+    cfg = make_config("/tmp/unused", "train.loss=categorical_crossentropy", "train.label_smoothing=0.1",
+                      "train.optimizer.clipnorm=1.5", "train.optimizer.weight_decay=0.0001")
+    optimizer = make_optimizer(cfg, "float32")
+    assert isinstance(optimizer, keras.optimizers.AdamW) and optimizer.clipnorm == 1.5
+    assert optimizer.weight_decay == pytest.approx(0.0001)
+    loss = make_loss("categorical_crossentropy", label_smoothing=cfg.train.label_smoothing)
+    # smoothed target for a confident correct prediction: the loss is no longer near 0
+    assert float(loss(np.array([[0.0, 1.0]]), np.array([[1e-7, 1.0 - 1e-7]]))) > 0.3
+    with pytest.raises(ConfigError, match="label_smoothing needs one-hot labels"):
+        make_config("/tmp/unused", "train.label_smoothing=0.1")
+    with pytest.raises(ConfigError, match="warmup_epochs=5 leaves no epoch"):
+        make_config("/tmp/unused", "train.epochs=5", "train.lr_schedule.name=cosine", "train.lr_schedule.warmup_epochs=5")
