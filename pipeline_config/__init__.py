@@ -20,30 +20,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
 SOURCE_SCHEMES = ("mnist", "parquet:", "npz:", "tfds:")
+
+
 # The seed's basic_cnn, layer for layer. The input shape and the output head (Dense(num_classes) + softmax, or
 # Dense(1) + sigmoid for binary crossentropy) come from the dataset and the loss.
-SEED_LAYERS = [
-    {"type": "Conv2D", "filters": 32, "kernel_size": 3, "strides": 1, "padding": "same"},
-    {"type": "Activation", "activation": "relu"},
-    {"type": "Conv2D", "filters": 32, "kernel_size": 3, "strides": 1, "padding": "same"},
-    {"type": "Activation", "activation": "relu"},
-    {"type": "MaxPool2D", "pool_size": 2, "strides": 2},
-    {"type": "Activation", "activation": "relu"},
-    {"type": "Dropout", "rate": 0.5},
-    {"type": "Conv2D", "filters": 64, "kernel_size": 3, "strides": 1, "padding": "same"},
-    {"type": "Activation", "activation": "relu"},
-    {"type": "MaxPool2D", "pool_size": 2, "strides": 2},
-    {"type": "Activation", "activation": "relu"},
-    {"type": "Conv2D", "filters": 128, "kernel_size": 3, "strides": 1, "padding": "same"},
-    {"type": "Activation", "activation": "relu"},
-    {"type": "MaxPool2D", "pool_size": 2, "strides": 2},
-    {"type": "Activation", "activation": "relu"},
-    {"type": "Dropout", "rate": 0.5},
-    {"type": "Flatten"},
-    {"type": "Dense", "units": 512},
-    {"type": "Activation", "activation": "relu"},
-    {"type": "Dropout", "rate": 0.5},
-]
+def _conv(filters: int) -> dict:
+    return {"type": "Conv2D", "filters": filters, "kernel_size": 3, "strides": 1, "padding": "same"}
+
+
+_RELU = {"type": "Activation", "activation": "relu"}
+_POOL = {"type": "MaxPool2D", "pool_size": 2, "strides": 2}
+_DROPOUT = {"type": "Dropout", "rate": 0.5}
+SEED_LAYERS = [_conv(32), _RELU, _conv(32), _RELU, _POOL, _RELU, _DROPOUT,
+               _conv(64), _RELU, _POOL, _RELU,
+               _conv(128), _RELU, _POOL, _RELU, _DROPOUT,
+               {"type": "Flatten"}, {"type": "Dense", "units": 512}, _RELU, _DROPOUT]
 
 
 class ConfigError(Exception):
