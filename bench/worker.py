@@ -36,7 +36,6 @@ def peak_rss_mb() -> float:
 
 def ingest(args: dict) -> dict:
     """Full embedded MNIST into a fresh cache, repeated; then the reader against from_tensor_slices."""
-    import numpy as np
     import tensorflow as tf
 
     from bench.bare_keras import load

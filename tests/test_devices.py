@@ -8,7 +8,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tasks.devices import HardwareProbe, make_strategy, resolve_precision
 from tasks.errors import PipelineError

@@ -10,9 +10,8 @@ import time
 
 import httpx
 import pyarrow.parquet as pq
-import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowRunFilter,
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
                                             LogFilter, LogFilterFlowRunId)
 
 from flows.training import training_pipeline

@@ -11,8 +11,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from pipeline_config import load_config
-from tasks.errors import PipelineError
 from tasks.ingest import ingest
 from tasks.reader import decode_batch, make_dataset, shard_paths
 from tests.conftest import artifacts_under, invoke_cli, make_config, mnist_arrays, write_parquet_source

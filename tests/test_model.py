@@ -1,4 +1,3 @@
-import keras
 import pytest
 
 from pipeline_config import ConfigError, load_config

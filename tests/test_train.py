@@ -9,7 +9,6 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tasks.devices import make_strategy
 from tasks.ingest import ingest
