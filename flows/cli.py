@@ -185,6 +185,9 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what w
     from tasks import gc as collector
 
     cfg = _setup(config, set)
+    if "://" in cfg.artifacts.root:
+        _fail(f"error: tfpipe gc cleans local artifact roots; {cfg.artifacts.root} is in a bucket: use the store's "
+              "lifecycle rules for it", 1)
     removals = collector.plan(cfg.artifacts.root, cfg.artifacts)
     for r in removals:
         typer.echo(f"{'would remove' if dry_run else 'removing'} {r.path} ({r.bytes / 1e6:.1f} MB): {r.why}")
