@@ -107,6 +107,24 @@ class LrScheduleConfig(Section):
     factor: float = Field(0.1, gt=0, description="step: the rate is multiplied by this at each boundary")
 
 
+class EarlyStoppingConfig(Section):
+    """Stop when a validation metric has not improved for `patience` epochs; publish the best epoch's weights."""
+
+    enabled: bool = False
+    monitor: str = "val_loss"
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
+    restore_best: bool = Field(True, description="publish the best epoch's weights, not the last epoch's")
+
+    @field_validator("monitor")
+    @classmethod
+    def _validation_metric(cls, value: str) -> str:
+        known = ("val_loss", "val_accuracy", "val_precision", "val_recall")
+        if value not in known:
+            raise ValueError(f"monitor a validation metric: one of {', '.join(known)}")
+        return value
+
+
 class TrainConfig(Section):
     mode: Literal["auto", "fit", "custom"] = Field(
         "auto", description="auto: fit on one machine, custom under multi_worker (the only style that works there)")
@@ -116,6 +134,7 @@ class TrainConfig(Section):
         "sparse_categorical_crossentropy")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="categorical and binary crossentropy only")
     strategy: Literal["auto", "mirrored", "one_device", "multi_worker"] = "auto"
     devices: list[str] | None = None

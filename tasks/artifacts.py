@@ -236,6 +236,8 @@ class ModelArtifact(ArtifactRef):
     precision_reason: str
     epochs: int
     resumed_from_epoch: int = 0
+    best_epoch: int | None = None  # with train.early_stopping: the epoch whose weights were published
+    stop_reason: str | None = None
     final_metrics: dict[str, float]
     image_shape: list[int]
     num_classes: int

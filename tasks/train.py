@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pipeline_config import PipelineConfig, fingerprint
@@ -360,9 +361,15 @@ def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -
     started = time.perf_counter()
     with run.stop:
         run_epochs(run, start_epoch, start_step, recorder)
+    stopping = {}
+    if recorder.early is not None:
+        if run.cfg.train.early_stopping.restore_best and int(recorder.early.best_epoch.numpy()):
+            recorder.early.restore()
+        stopping = {"best_epoch": int(recorder.early.best_epoch.numpy()) or None,
+                    "stop_reason": recorder.stop_reason or f"completed train.epochs={run.cfg.train.epochs}"}
     log.info("final weights sha256 %s (worker %d)", weights_digest(run.model), worker_role(run.strategy)[1])
     save_outputs(run, recorder, out, {"resumed_from_epoch": start_epoch,
-                                      "seconds_this_run": time.perf_counter() - started})
+                                      "seconds_this_run": time.perf_counter() - started, **stopping})
     history = recorder.history
     final = {k: history[-1][k] for k in history[-1] if k.split("val_")[-1] in METRIC_NAMES}
     return {**run.facts(), "dataset_fingerprint": run.dataset.fingerprint, "model_path": "model.keras",
@@ -370,7 +377,47 @@ def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -
             "epochs": run.cfg.train.epochs, "resumed_from_epoch": start_epoch, "final_metrics": final,
             "image_shape": run.dataset.image_shape, "num_classes": run.dataset.num_classes,
             "label_names": run.dataset.label_names, "loss": run.cfg.train.loss,
-            "config": run.cfg.model_dump(mode="json")}
+            "config": run.cfg.model_dump(mode="json"), **stopping}
+
+
+class EarlyStopping:
+    """train.early_stopping: training stops when the monitored validation metric has not improved by `min_delta`
+    for `patience` epochs, and the published model is the best epoch's weights (`restore_best`). Its state (best
+    value, best epoch, epochs without improvement, the best weights) lives in the checkpoint: it survives a kill."""
+
+    def __init__(self, run: TrainingRun):
+        self.cfg, self.model = run.cfg.train.early_stopping, run.model
+        self.lower_is_better = self.cfg.monitor.endswith("loss")
+        with run.strategy.scope():
+            self.best = tf.Variable(np.inf if self.lower_is_better else -np.inf, dtype=tf.float64, trainable=False)
+            self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.wait = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.weights = [tf.Variable(tf.convert_to_tensor(w), trainable=False) for w in run.model.weights]
+
+    def state(self) -> dict:
+        return {"es_best": self.best, "es_best_epoch": self.best_epoch, "es_wait": self.wait, "es_weights": self.weights}
+
+    def update(self, epoch: int, logs: dict) -> str | None:
+        """Record the epoch; the reason to stop, when it is time to."""
+        value, best = float(logs[self.cfg.monitor]), float(self.best.numpy())
+        improved = value < best - self.cfg.min_delta if self.lower_is_better else value > best + self.cfg.min_delta
+        if improved:
+            self.best.assign(value)
+            self.best_epoch.assign(epoch + 1)
+            self.wait.assign(0)
+            for copy, weight in zip(self.weights, self.model.weights):
+                copy.assign(weight)
+            return None
+        self.wait.assign_add(1)
+        if int(self.wait.numpy()) < self.cfg.patience:
+            return None
+        return (f"early stopping: {self.cfg.monitor} did not improve by more than {self.cfg.min_delta:g} for "
+                f"{self.cfg.patience} epochs (best {best:.4f} at epoch {int(self.best_epoch.numpy())})")
+
+    def restore(self) -> None:
+        for weight, copy in zip(self.model.weights, self.weights):
+            weight.assign(copy)
+        log.info("published the weights of epoch %d, the best %s", int(self.best_epoch.numpy()), self.cfg.monitor)
 
 
 class EpochRecorder:
@@ -388,8 +435,10 @@ class EpochRecorder:
         # draws the same masks as an uninterrupted one.
         rng = {f"rng_{i}": v for i, v in enumerate(run.model.non_trainable_variables)
                if v.name == "seed_generator_state"}
+        self.early = EarlyStopping(run) if run.cfg.train.early_stopping.enabled else None
+        self.stop_reason: str | None = None
         self.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, completed_epochs=self.completed,
-                                              steps_into_epoch=self.steps, **rng)
+                                              steps_into_epoch=self.steps, **rng, **(self.early.state() if self.early else {}))
         os.makedirs(run.worker_dir, exist_ok=True)
         self.manager = tf.train.CheckpointManager(self.checkpoint, join(run.worker_dir, "checkpoints"), max_to_keep=2)
         self.history_path = join(run.work, "history.json")
@@ -404,6 +453,8 @@ class EpochRecorder:
             return 0, 0
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         done, steps = int(self.completed.numpy()), int(self.steps.numpy())
+        if self.early is not None and int(self.early.wait.numpy()) >= self.run.cfg.train.early_stopping.patience:
+            self.stop_reason = "early stopping: decided before the interruption"
         history = read_json(self.history_path)["epochs"] if os.path.exists(self.history_path) else []
         self.history = history[:done]
         log.info("resuming from checkpoint %s: %d of %d epochs already done%s", latest, done,
@@ -425,6 +476,8 @@ class EpochRecorder:
                   "wall_seconds": wall_seconds, "images_per_second": train_count / max(train_seconds, 1e-9),
                   "learning_rate": current_learning_rate(self.run.optimizer)}  # the rate the next step applies
         self.history.append(record)
+        if self.early is not None:
+            self.stop_reason = self.early.update(epoch, logs)
         if self.run.chief:  # before the checkpoint: history.json always covers the epochs a checkpoint says are done
             write_json_atomic(self.history_path, {"epochs": self.history})
         self.completed.assign(epoch + 1)
@@ -491,7 +544,7 @@ def save_outputs(run: TrainingRun, recorder: EpochRecorder, out: str, extra: dic
 def run_epochs(run: TrainingRun, start_epoch: int, start_step: int, recorder: EpochRecorder) -> None:
     """Epochs start_epoch+1 .. train.epochs in the configured style, the first from batch `start_step` on;
     `recorder.end_epoch` after each, `recorder.interrupt` when a stop signal arrives."""
-    if start_epoch >= run.cfg.train.epochs:
+    if start_epoch >= run.cfg.train.epochs or recorder.stop_reason:
         return
     if run.cfg.train.mode == "fit":
         _fit(run, start_epoch, start_step, recorder)
@@ -548,6 +601,9 @@ def _fit(run: TrainingRun, start_epoch: int, start_step: int, recorder: EpochRec
                       initial_epoch=epoch, callbacks=[hook], shuffle=False, verbose=0)  # the reader shuffles
         if hook.unfinished:
             recorder.interrupt(epoch, hook.batches)
+        if recorder.stop_reason:
+            log.info("%s", recorder.stop_reason)
+            return
 
 
 def distribute(strategy: tf.distribute.Strategy, data):
@@ -636,3 +692,6 @@ def _custom_loop(run: TrainingRun, start_epoch: int, start_step: int, recorder: 
         print(f"Epoch {epoch + 1}, Loss: {logs['loss']}, Accuracy: {logs['accuracy'] * 100}, "
               f"Test Loss {logs['val_loss']}, Test Accuracy: {logs['val_accuracy'] * 100}", flush=True)
         recorder.end_epoch(epoch, logs, train_seconds, time.perf_counter() - started)
+        if recorder.stop_reason:
+            log.info("%s", recorder.stop_reason)
+            return

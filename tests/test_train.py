@@ -171,12 +171,17 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("mode", ["fit", "custom"])
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mode):
+@pytest.mark.parametrize("mode, extra", [
+    ("fit", []), ("custom", []),
+    ("fit", ["train.lr_schedule.name=cosine", "train.lr_schedule.warmup_epochs=1", "train.early_stopping.enabled=true",
+             "train.early_stopping.patience=1", "train.early_stopping.min_delta=10"]),
+])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mode, extra):
     """Deterministic training stopped after epoch 1 and resumed gives bit-identical weights to a run that never
-    stopped: the checkpoint carries model, optimizer and dropout RNG state, and epoch k's input order is fixed."""
+    stopped: the checkpoint carries model, optimizer and dropout RNG state (and the schedule's step and the
+    early-stopping state), and epoch k's input order is fixed."""
     sets = ["data.limit=400", "train.epochs=3", "train.batch_size=40", "train.deterministic=true",
-            "train.cpu_replicas=2", f"train.mode={mode}"]
+            "train.cpu_replicas=2", f"train.mode={mode}", *extra]
     straight_cfg = make_config(tmp_path / "straight", *sets)
     dataset = ingest(straight_cfg.data, straight_cfg.artifacts.root)
     straight = train(straight_cfg, dataset)
@@ -199,7 +204,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mod
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     history = json.load(open(f"{resumed.uri}/history.json"))["epochs"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history] == ([1, 2] if extra else [1, 2, 3])  # patience 1: stops after epoch 2
 
 
 @pytest.mark.parametrize("mode", ["fit", "custom"])
@@ -296,3 +301,25 @@ def test_label_smoothing_clipnorm_and_weight_decay_reach_the_optimizer_and_loss(
         make_config("/tmp/unused", "train.label_smoothing=0.1")
     with pytest.raises(ConfigError, match="warmup_epochs=5 leaves no epoch"):
         make_config("/tmp/unused", "train.epochs=5", "train.lr_schedule.name=cosine", "train.lr_schedule.warmup_epochs=5")
+
+
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_early_stopping_stops_on_a_plateau_and_publishes_the_best_epoch(tmp_path, mode):
+    """min_delta=1.0 makes every epoch after the first a plateau: with patience 2 training stops after epoch 3 and
+    the published weights are epoch 1's (equal to a deterministic run of one epoch)."""
+    sets = ["data.limit=300", "train.batch_size=50", "train.deterministic=true", f"train.mode={mode}"]
+    stop = ["train.epochs=6", "train.early_stopping.enabled=true", "train.early_stopping.monitor=val_accuracy",
+            "train.early_stopping.patience=2", "train.early_stopping.min_delta=1.0"]
+    cfg = make_config(tmp_path / "stop", *sets, *stop)
+    stopped = train(cfg, ingest(cfg.data, cfg.artifacts.root))
+    history = json.load(open(f"{stopped.uri}/history.json"))
+    assert [h["epoch"] for h in history["epochs"]] == [1, 2, 3]
+    assert stopped.best_epoch == 1 and history["best_epoch"] == 1
+    assert stopped.stop_reason.startswith("early stopping: val_accuracy did not improve by more than 1 for 2 epochs")
+    one_cfg = make_config(tmp_path / "one", *sets, "train.epochs=1")
+    one = train(one_cfg, ingest(one_cfg.data, one_cfg.artifacts.root))
+    for a, b in zip(load_model(f"{stopped.uri}/model.keras").get_weights(),
+                    load_model(f"{one.uri}/model.keras").get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="monitor a validation metric"):
+        make_config(tmp_path, "train.early_stopping.monitor=loss")
