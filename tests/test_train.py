@@ -40,6 +40,8 @@ def test_two_replicas_reduce_the_loss_and_stay_identical(root, mode, capsys):
     records = []
 
     class Recorder:  # what run_epochs reports to
+        stop_reason = None
+
         def end_epoch(self, epoch, logs, train_seconds, wall_seconds):
             records.append((epoch, logs))
 
