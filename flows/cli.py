@@ -11,6 +11,7 @@ from __future__ import annotations
 import flows  # noqa: F401  (environment defaults before TensorFlow and Prefect load)
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -27,6 +28,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file merged over the default config.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: --set train.epochs=2 (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage's artifact reference as JSON on stdout.")]
+RerunOpt = Annotated[Optional[str], typer.Option(
+    "--rerun", metavar="STAGE", help="Rebuild STAGE (ingest, train, evaluate, predict, all) and the stages after it, "
+    "even when published.")]
 
 
 def _fail(message: str, code: int) -> None:
@@ -34,12 +38,12 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _setup(config: str | None, overrides: list[str] | None) -> PipelineConfig:
+def _setup(config: str | None, overrides: list[str] | None, rerun: str | None = None) -> PipelineConfig:
     from tasks import configure_logging
 
     configure_logging()
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, [*(overrides or []), *([f"rerun={rerun}"] if rerun else [])])
     except ConfigError as exc:
         _fail(str(exc), 2)
 
@@ -85,9 +89,9 @@ def _train(cfg: PipelineConfig):
 
 
 @app.command()
-def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False, rerun: RerunOpt = None) -> None:
     """Read data.source and write (or verify and reuse) its TFRecord cache."""
-    cfg = _setup(config, set)
+    cfg = _setup(config, set, rerun)
     dataset = _guarded(lambda: _ingest(cfg), json_out)
     counts = ", ".join(f"{k} {v}" for k, v in dataset.counts.items())
     _emit(dataset, json_out, f"dataset {dataset.fingerprint[:12]} ({'cache hit' if dataset.cache_hit else 'written'}): "
@@ -95,18 +99,18 @@ def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = Fal
 
 
 @app.command()
-def train(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+def train(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False, rerun: RerunOpt = None) -> None:
     """Ingest (cached), then build and train the model; resumes an interrupted run."""
-    cfg = _setup(config, set)
+    cfg = _setup(config, set, rerun)
     _, model = _guarded(lambda: _train(cfg), json_out)
     _emit(model, json_out, f"model {model.fingerprint[:12]} ({'cache hit' if model.cache_hit else 'trained'}): "
                            f"{model.final_metrics} at {model.uri}/{model.model_path}")
 
 
 @app.command()
-def evaluate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+def evaluate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False, rerun: RerunOpt = None) -> None:
     """Ingest and train (cached), then measure the model on the test split and apply the promotion gate."""
-    cfg = _setup(config, set)
+    cfg = _setup(config, set, rerun)
 
     def body():
         dataset, model = _train(cfg)
@@ -153,13 +157,14 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
 
 
 @app.command()
-def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False, rerun: RerunOpt = None) -> None:
     """Run the whole training pipeline as a Prefect flow: ingest, train, evaluate, predict."""
-    _setup(config, set)  # a bad config fails here, before Prefect starts
+    _setup(config, set, rerun)  # a bad config fails here, before Prefect starts
     from flows.training import training_pipeline
 
     with _server_loss_is_one_line():
-        summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set)), json_out)
+        summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set), rerun=rerun),
+                           json_out)
     if json_out:
         typer.echo(summary.model_dump_json(indent=2))
         return
@@ -176,6 +181,53 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False)
         f"report: {ev.uri}",
         f"took {summary.seconds:.1f}s",
     ]))
+
+
+@app.command()
+def models(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """List the published models, newest first: test metrics, gate decision, and which one is the champion."""
+    from tasks.champion import list_models
+
+    cfg = _setup(config, set)
+    rows = _guarded(lambda: list_models(cfg.artifacts.root))
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no published models under {cfg.artifacts.root}: run tfpipe run or tfpipe train")
+        return
+    typer.echo(f"{'':2}{'model':14}{'created':18}{'data':14}{'precision':16}{'accuracy':>9}{'macro F1':>9}  gate")
+    for r in rows:
+        created = datetime.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M")
+        number = lambda v: f"{v:9.4f}" if v is not None else f"{'-':>9}"  # noqa: E731
+        typer.echo(f"{'* ' if r['champion'] else '  '}{r['fingerprint'][:12]:14}{created:18}"
+                   f"{r['dataset_fingerprint'][:12]:14}{r['precision']:16}{number(r['test_accuracy'])}"
+                   f"{number(r['macro_f1'])}  {r['gate'] or 'not evaluated'}")
+    typer.echo("* the champion (tfpipe predict --model champion)")
+
+
+@app.command()
+def promote(fingerprint: Annotated[str, typer.Argument(help="The model's fingerprint (or a unique prefix).")],
+            reason: Annotated[str, typer.Option("--reason", help="Why, for the champion history.")] = ...,
+            config: ConfigOpt = None, set: SetOpt = None) -> None:
+    """Make a published model the champion by hand, past the gate; recorded with the reason and your user name."""
+    from tasks.champion import promote_by_hand
+
+    cfg = _setup(config, set)
+    entry = _guarded(lambda: promote_by_hand(cfg.artifacts.root, fingerprint, reason))
+    typer.echo(f"champion: {entry['model_fingerprint']} (promoted by {entry['user']}: {reason})")
+
+
+@app.command()
+def rollback(to: Annotated[Optional[str], typer.Option("--to", help="A former champion's fingerprint (default: the previous one).")] = None,
+             reason: Annotated[Optional[str], typer.Option("--reason", help="Why, for the champion history.")] = None,
+             config: ConfigOpt = None, set: SetOpt = None) -> None:
+    """Make the previous champion (or --to a former one) the champion again; the current one is demoted."""
+    from tasks.champion import rollback as roll_back
+
+    cfg = _setup(config, set)
+    entry = _guarded(lambda: roll_back(cfg.artifacts.root, to, reason))
+    typer.echo(f"champion: {entry['model_fingerprint']} ({entry['reason']})")
 
 
 @app.command()

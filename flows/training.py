@@ -26,9 +26,11 @@ class RunSummary(BaseModel):
 
 
 @flow(name="training-pipeline")
-def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] | None = None) -> RunSummary:
+def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                      rerun: str | None = None) -> RunSummary:
+    """`rerun`: a stage (ingest, train, evaluate, predict, all) rebuilt with the stages after it, even when published."""
     started = time.perf_counter()
-    cfg = load_config(config_file, overrides)
+    cfg = load_config(config_file, {**(overrides or {}), **({"rerun": rerun} if rerun else {})})
     check_reachable(cfg.artifacts.root)  # a wrong bucket or missing credentials: one line, before any work
     configure_devices(cfg.train)  # before the first TensorFlow op of this process (multi_worker: the strategy)
     try:

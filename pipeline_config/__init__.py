@@ -45,6 +45,33 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+VALIDATION_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall")
+
+
+def _validation_metric(value: str) -> str:
+    if value not in VALIDATION_METRICS:
+        raise ValueError(f"monitor a validation metric: one of {', '.join(VALIDATION_METRICS)}")
+    return value
+
+
+class AugmentConfig(Section):
+    """Random changes to the training images only (never validation, test or prediction; not in the saved
+    model), with the meaning of keras.layers.RandomTranslation, RandomRotation, RandomZoom, RandomContrast and
+    RandomFlip. 0 turns one off."""
+
+    translation: float = Field(0.0, ge=0, lt=1, description="shift by up to this fraction of the height and width")
+    rotation: float = Field(0.0, ge=0, le=0.5, description="rotate by up to this fraction of a full turn")
+    zoom: float = Field(0.0, ge=0, lt=1, description="scale by 1 +- this (above 1 zooms out)")
+    contrast: float = Field(0.0, ge=0, le=1, description="scale the contrast by 1 +- this")
+    flip: bool = Field(False, description="mirror left-right at random (digits must not flip)")
+    fill_mode: Literal["constant", "reflect", "nearest", "wrap"] = Field(
+        "constant", description="what fills pixels moved in from outside the image (constant: 0)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.translation or self.rotation or self.zoom or self.contrast or self.flip)
+
+
 class DataConfig(Section):
     source: str = "mnist"
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -61,6 +88,7 @@ class DataConfig(Section):
     split_key: str | None = Field(None, description="Parquet column hashed for the validation split (default: row index)")
     verify_source: Literal["metadata", "full"] = Field(
         "metadata", description="Parquet source hash: size, mtime and footer (metadata) or every byte (full)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("source")
     @classmethod
@@ -100,11 +128,16 @@ class OptimizerConfig(Section):
 class LrScheduleConfig(Section):
     """The learning rate over training: the same Keras schedule object drives fit and the custom loop."""
 
-    name: Literal["constant", "cosine", "step"] = "constant"
+    name: Literal["constant", "cosine", "step", "plateau"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0, description="cosine: linear warm-up from 0 to learning_rate")
-    min_lr: float = Field(0.0, ge=0, description="cosine: the rate it decays to")
+    min_lr: float = Field(0.0, ge=0, description="cosine: the rate it decays to; plateau: the lowest rate")
     boundaries: list[int] = Field(default_factory=list, description="step: epochs after which the rate drops")
-    factor: float = Field(0.1, gt=0, description="step: the rate is multiplied by this at each boundary")
+    factor: float = Field(0.1, gt=0, lt=1, description="step, plateau: the rate is multiplied by this at each drop")
+    monitor: str = Field("val_loss", description="plateau: the validation metric watched")
+    patience: int = Field(2, ge=1, description="plateau: epochs without improvement before the rate drops")
+    min_delta: float = Field(0.0, ge=0, description="plateau: the least change that counts as an improvement")
+
+    _monitor = field_validator("monitor")(_validation_metric)
 
 
 class EarlyStoppingConfig(Section):
@@ -116,13 +149,7 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
     restore_best: bool = Field(True, description="publish the best epoch's weights, not the last epoch's")
 
-    @field_validator("monitor")
-    @classmethod
-    def _validation_metric(cls, value: str) -> str:
-        known = ("val_loss", "val_accuracy", "val_precision", "val_recall")
-        if value not in known:
-            raise ValueError(f"monitor a validation metric: one of {', '.join(known)}")
-        return value
+    _monitor = field_validator("monitor")(_validation_metric)
 
 
 class TrainConfig(Section):
@@ -136,6 +163,8 @@ class TrainConfig(Section):
     lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="categorical and binary crossentropy only")
+    class_weight: Literal["none", "balanced"] | dict[int, float] = Field(
+        "none", description="balanced: n / (classes * count) from the dataset's class histogram; or {class: weight}")
     strategy: Literal["auto", "mirrored", "one_device", "multi_worker"] = "auto"
     devices: list[str] | None = None
     cpu_replicas: int | None = Field(None, ge=1)
@@ -166,6 +195,11 @@ class TrainConfig(Section):
         if self.lr_schedule.name == "cosine" and self.lr_schedule.warmup_epochs >= self.epochs:
             raise ValueError(f"train.lr_schedule.warmup_epochs={self.lr_schedule.warmup_epochs:g} leaves no epoch to "
                              f"decay over (train.epochs={self.epochs}): use fewer warm-up epochs")
+        if self.lr_schedule.warmup_epochs and self.lr_schedule.name != "cosine":
+            raise ValueError(f"train.lr_schedule.warmup_epochs is for the cosine schedule, not "
+                             f"{self.lr_schedule.name}: set train.lr_schedule.name=cosine or drop the warm-up")
+        if isinstance(self.class_weight, dict) and any(k < 0 or w <= 0 for k, w in self.class_weight.items()):
+            raise ValueError("train.class_weight: classes are indices >= 0 and weights are > 0")
         if self.label_smoothing and self.loss == "sparse_categorical_crossentropy":
             raise ValueError("train.label_smoothing needs one-hot labels: use train.loss=categorical_crossentropy")
         if self.cpu_replicas and self.strategy == "one_device":
@@ -215,7 +249,12 @@ class ScheduleConfig(Section):
     timezone: str = "UTC"
 
 
+STAGES = ("ingest", "train", "evaluate", "predict")
+
+
 class PipelineConfig(Section):
+    rerun: Literal["none", "ingest", "train", "evaluate", "predict", "all"] = Field(
+        "none", description="rebuild this stage and every stage after it even when its output is published")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -223,6 +262,11 @@ class PipelineConfig(Section):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+    def rebuilds(self, stage: str) -> bool:
+        """Whether `rerun` asks for `stage` to be rebuilt: the stage named and every stage after it."""
+        return self.rerun == "all" or (self.rerun != "none" and STAGES.index(stage) >= STAGES.index(self.rerun))
 
 
 def fingerprint(value: Any) -> str:

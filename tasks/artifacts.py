@@ -93,7 +93,13 @@ def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict
             if read_manifest(final) is not None and not replace:  # another run published the same content first
                 shutil.rmtree(tmp)
                 return read_manifest(final)
-            shutil.rmtree(final)  # a leftover without a complete manifest is never reused
+            # A leftover without a complete manifest, or the output a rebuild replaces: moved aside, the new one
+            # renamed in, then the old one deleted (readers see one whole output or, for an instant, none).
+            old = f"{tmp}-replaced"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return manifest
         os.rename(tmp, final)
         return manifest
     except BaseException:
@@ -132,21 +138,24 @@ class Published:
 
 
 def reuse_or_publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict],
-                     verify: Callable[[str, dict], None] | None = None) -> Published:
+                     verify: Callable[[str, dict], None] | None = None, rebuild: bool = False) -> Published:
     """The one reuse-or-publish path of every stage: the published output of `fingerprint` when there is one,
     else `write` it into a temporary directory and publish that, holding the fingerprint's lease meanwhile (a
     concurrent run of the same work waits, then reuses it). `verify` raises CorruptArtifact when a published
-    output cannot be trusted: it is then rebuilt, with a warning."""
+    output cannot be trusted: it is then rebuilt, with a warning. `rebuild` (--rerun) writes a new output even
+    when one is published, and it replaces the old one."""
     from tasks.lease import stage_lease
 
     uri = stage_dir(root, stage, fingerprint)
-    manifest = _trusted(uri, find_published(root, stage, fingerprint), verify)
+    manifest = None if rebuild else _trusted(uri, find_published(root, stage, fingerprint), verify)
     if manifest is not None:
         return Published(uri, manifest, cache_hit=True)
     try:
         with stage_lease(root, stage, fingerprint):
             published = find_published(root, stage, fingerprint)  # another run may have published it meanwhile
-            manifest = _trusted(uri, published, verify)
+            manifest = None if rebuild else _trusted(uri, published, verify)
+            if rebuild and published is not None:
+                log.info("--rerun %s: rebuilding %s; the new output replaces it", stage, uri)
             if manifest is not None:
                 return Published(uri, manifest, cache_hit=True)
             remove_dead_attempts(root, stage, fingerprint)
@@ -218,6 +227,7 @@ class DatasetArtifact(ArtifactRef):
     num_classes: int
     label_names: list[str] | None = None
     shards: dict[str, list[str]]  # split -> shard file names relative to uri
+    class_histograms: dict[str, list[int]] = {}  # split -> examples per class
 
 
 class ModelArtifact(ArtifactRef):

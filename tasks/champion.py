@@ -1,12 +1,19 @@
-"""The champion registry: which published model is the champion, and every model the gate ever blessed.
+"""The champion registry: which published model is the champion, how each champion got there, and the list of
+published models.
 
-`<root>/champion.json` holds `current` (the champion's entry) and `history` (the champions it replaced, newest
-first). It is replaced atomically, so a reader sees the old pointer or the new one, whole.
+`<root>/champion.json` holds `current` (the champion's entry), `history` (the champions it replaced, newest
+first) and `demoted` (models a rollback took away: the gate does not bring them back, `tfpipe promote` can).
+Every entry says how the model became champion (`decision`: gate | manual | rollback), when, by whom and why.
+The file is changed under the champion's lease and replaced atomically: a reader sees the old pointer or the
+new one, whole, and prediction with `--model champion` follows it at once.
 """
 
 from __future__ import annotations
 
+import getpass
+import logging
 import os
+import time
 
 from tasks import storage
 from tasks.artifacts import join, read_json, read_manifest, write_json_atomic
@@ -14,6 +21,14 @@ from tasks.errors import PipelineError
 from tasks.lease import stage_lease
 
 CHAMPION_FILE = "champion.json"
+log = logging.getLogger("tfpipe.champion")
+
+
+def user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (containers)
+        return f"uid {os.getuid()}"
 
 
 def read_champion(root: str) -> dict | None:
@@ -35,16 +50,107 @@ def blessed_models(root: str) -> set[str]:
     return {e["model_fingerprint"] for e in entries}
 
 
-def promote(root: str, entry: dict) -> None:
-    """Make `entry` the champion; the one it replaces moves to the history. Read, change and write under the
-    champion's lease, so two concurrent gate decisions cannot lose one."""
+def promote(root: str, entry: dict) -> bool:
+    """The gate blessed `entry`: make it the champion (the one it replaces moves to the history), unless it is
+    already, or a rollback demoted it. Read, change and write under the champion's lease, so two concurrent
+    decisions cannot lose one. True when the champion changed."""
     with stage_lease(root, "champion", "pointer"):
         champion = read_champion(root) or {"current": None, "history": []}
-        current = champion.get("current")
-        if current and current["model_fingerprint"] == entry["model_fingerprint"]:
-            return
-        history = ([current] if current else []) + champion.get("history", [])
-        write_json_atomic(join(root, CHAMPION_FILE), {"current": entry, "history": history})
+        fp = entry["model_fingerprint"]
+        if fp in champion.get("demoted", {}):
+            log.warning("model %s passed the gate but stays demoted (%s): tfpipe promote %s makes it the champion",
+                        fp[:12], champion["demoted"][fp], fp[:12])
+            return False
+        return _replace_current(root, champion, {"decision": "gate", "user": user_name(), **entry})
+
+
+def _replace_current(root: str, champion: dict, entry: dict) -> bool:
+    current = champion.get("current")
+    if current and current["model_fingerprint"] == entry["model_fingerprint"]:
+        return False
+    history = ([current] if current else []) + champion.get("history", [])
+    demoted = {k: v for k, v in champion.get("demoted", {}).items() if k != entry["model_fingerprint"]}
+    write_json_atomic(join(root, CHAMPION_FILE), {"current": entry, "history": history, "demoted": demoted})
+    return True
+
+
+def promote_by_hand(root: str, ref: str, reason: str) -> dict:
+    """`tfpipe promote`: make a published model the champion past the gate; returns its entry."""
+    if not reason.strip():
+        raise PipelineError("tfpipe promote needs --reason TEXT: it is recorded in the champion history")
+    uri, manifest = resolve_model(root, ref)
+    evaluation = latest_evaluation(root, manifest["fingerprint"])
+    entry = {"model_fingerprint": manifest["fingerprint"], "model_uri": uri,
+             "dataset_fingerprint": (evaluation or manifest)["dataset_fingerprint"],
+             "accuracy": evaluation["metrics"]["accuracy"] if evaluation else None,
+             "evaluation_uri": evaluation["uri"] if evaluation else None, "promoted_at": time.time(),
+             "decision": "manual", "user": user_name(), "reason": reason}
+    with stage_lease(root, "champion", "pointer"):
+        if not _replace_current(root, read_champion(root) or {}, entry):
+            raise PipelineError(f"model {manifest['fingerprint'][:12]} is already the champion")
+    return entry
+
+
+def rollback(root: str, to: str | None = None, reason: str | None = None) -> dict:
+    """`tfpipe rollback`: the previous champion (or the former champion `to` names) becomes the champion again;
+    the one it replaces is demoted. Returns the new entry."""
+    with stage_lease(root, "champion", "pointer"):
+        champion = read_champion(root) or {}
+        current, history = champion.get("current"), champion.get("history", [])
+        if not current:
+            raise PipelineError(f"no champion under {root}: nothing to roll back")
+        candidates = [h for h in history if h["model_fingerprint"] != current["model_fingerprint"]
+                      and (to is None or h["model_fingerprint"].startswith(to))]
+        if not candidates:
+            raise PipelineError(f"--to {to!r} is not a former champion under {root} (see tfpipe models): use "
+                                "tfpipe promote for a model that never was" if to else
+                                f"the champion {current['model_fingerprint'][:12]} has no predecessor to roll back to")
+        target = candidates[0]
+        entry = {**{k: v for k, v in target.items() if k not in ("user", "reason")}, "promoted_at": time.time(),
+                 "decision": "rollback", "user": user_name(),
+                 "reason": reason or f"rolled back from {current['model_fingerprint'][:12]}"}
+        champion.setdefault("demoted", {})[current["model_fingerprint"]] = (
+            f"rolled back by {entry['user']} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}")
+        _replace_current(root, champion, entry)
+    return entry
+
+
+def latest_evaluation(root: str, model_fp: str) -> dict | None:
+    """The newest published evaluation of a model (its manifest, with `uri`), or None."""
+    found = [m for m in evaluations(root) if m["model_fingerprint"] == model_fp]
+    return max(found, key=lambda m: m["created"]) if found else None
+
+
+def evaluations(root: str) -> list[dict]:
+    out = []
+    for name in storage.listdir(join(root, "evaluate")):
+        manifest = None if name.startswith(".") else read_manifest(join(root, "evaluate", name))
+        if manifest is not None:
+            out.append({**manifest, "uri": join(root, "evaluate", name)})
+    return out
+
+
+def list_models(root: str) -> list[dict]:
+    """Every published model, newest first, with its latest evaluation and whether it is the champion."""
+    champion = current_champion(root) or {}
+    latest: dict[str, dict] = {}
+    for ev in sorted(evaluations(root), key=lambda m: m["created"]):
+        latest[ev["model_fingerprint"]] = ev
+    rows = []
+    for name in storage.listdir(join(root, "train")):
+        manifest = None if name.startswith(".") else read_manifest(join(root, "train", name))
+        if manifest is None:
+            continue
+        ev = latest.get(manifest["fingerprint"])
+        rows.append({"fingerprint": manifest["fingerprint"], "created": manifest["created"],
+                     "dataset_fingerprint": manifest["dataset_fingerprint"], "precision": manifest["precision"],
+                     "epochs": manifest["epochs"],
+                     "test_accuracy": ev["metrics"]["accuracy"] if ev else None,
+                     "macro_f1": ev["metrics"]["macro_f1"] if ev else None,
+                     "gate": None if ev is None else ("blessed" if ev["blessed"] else "not blessed"),
+                     "champion": manifest["fingerprint"] == champion.get("model_fingerprint"),
+                     "uri": join(root, "train", name)})
+    return sorted(rows, key=lambda r: r["created"], reverse=True)
 
 
 def resolve_model(root: str, ref: str) -> tuple[str, dict]:

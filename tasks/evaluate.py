@@ -104,7 +104,7 @@ def _champion_accuracy(champion: dict, dataset: DatasetArtifact, batch_size: int
         return None, "no champion yet: thresholds only"
     if champion["model_fingerprint"] == model_fp:
         return champion["accuracy"] if champion["dataset_fingerprint"] == dataset.fingerprint else None, "model is the champion"
-    if champion["dataset_fingerprint"] == dataset.fingerprint:
+    if champion["dataset_fingerprint"] == dataset.fingerprint and champion.get("accuracy") is not None:
         return champion["accuracy"], f"champion {champion['model_fingerprint'][:12]}"
     champion_model = load_model(local_file(join(champion["model_uri"], "model.keras"), cache_dir))
     try:
@@ -163,7 +163,8 @@ def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Mode
     fp = fingerprint({"model": model_artifact.fingerprint, "dataset": dataset.fingerprint,
                       "evaluate": cfg.evaluate.model_dump(mode="json"), "champion": champion.get("model_fingerprint"),
                       "code": EVAL_CODE_VERSION})
-    published = reuse_or_publish(root, STAGE, fp, lambda out: measure(cfg, dataset, model_artifact, champion, out))
+    published = reuse_or_publish(root, STAGE, fp, lambda out: measure(cfg, dataset, model_artifact, champion, out),
+                                 rebuild=cfg.rebuilds(STAGE))
     manifest = published.manifest
     if published.cache_hit:
         log.info("evaluate cache hit: %s", published.uri)

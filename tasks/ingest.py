@@ -262,6 +262,7 @@ def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifa
         image_shape=manifest["image_shape"], num_classes=manifest["num_classes"],
         label_names=manifest["label_names"],
         shards={s: [sh["file"] for sh in info["shards"]] for s, info in manifest["splits"].items()},
+        class_histograms={s: info["class_histogram"] for s, info in manifest["splits"].items()},
     )
 
 
@@ -270,13 +271,14 @@ def dataset_fingerprint(src_hash: str, cfg: DataConfig) -> str:
     return fingerprint({"source_hash": src_hash, "data": section, "code": INGEST_CODE_VERSION})
 
 
-def ingest(cfg: DataConfig, root: str) -> DatasetArtifact:
-    """Turn `cfg.source` into a verified TFRecord cache under `root` (or reuse the one already there)."""
+def ingest(cfg: DataConfig, root: str, rebuild: bool = False) -> DatasetArtifact:
+    """Turn `cfg.source` into a verified TFRecord cache under `root` (or reuse the one already there, unless
+    `rebuild`)."""
     started = time.perf_counter()
     src_hash, method = source_hash(cfg)
     fp = dataset_fingerprint(src_hash, cfg)
     published = reuse_or_publish(root, STAGE, fp, lambda out: write_cache(cfg, src_hash, method, out),
-                                 verify=verify_shards)
+                                 verify=verify_shards, rebuild=rebuild)
     splits = published.manifest["splits"]
     if published.cache_hit:
         log.info("ingest cache hit: %s (%d shards verified)", published.uri, sum(len(s["shards"]) for s in splits.values()))

@@ -270,7 +270,7 @@ def batch_predict(cfg: PipelineConfig, model_fingerprint: str, dataset: DatasetA
         artifact = predict(cfg, model_fingerprint, input_ref, join(out, "predictions.parquet"), allow_unblessed=False)
         return {**artifact.model_dump(), "output": final}
 
-    published = reuse_or_publish(root, STAGE, fp, write)
+    published = reuse_or_publish(root, STAGE, fp, write, rebuild=cfg.rebuilds(STAGE))
     if published.cache_hit:
         log.info("predict cache hit: %s", final)
     fields = {k: published.manifest[k] for k in PredictionArtifact.model_fields if k in published.manifest}

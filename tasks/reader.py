@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from pipeline_config import AugmentConfig
 from tasks.artifacts import DatasetArtifact, join
+from tasks.augment import augment_batch
 
 FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -40,9 +42,11 @@ def encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.Te
 def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuffle_buffer: int | None = None,
                  seed: int | None = None, label_mode: str = "sparse", files: list[str] | None = None,
                  raw_uint8: bool = False, record_shard: tuple[int, int] | None = None,
-                 records: int | None = None) -> tf.data.Dataset:
+                 records: int | None = None, augment: AugmentConfig | None = None,
+                 class_weights: list[float] | None = None) -> tf.data.Dataset:
     """Batched (images, labels) from one split. `shuffle_buffer=None` keeps the stored order; `records` reads
-    only the first that many."""
+    only the first that many. Training input adds `augment` (batch i augmented with the stateless seed
+    (seed, i)) and `class_weights` ((images, labels, weights) with each example's class weight)."""
     paths = files if files is not None else shard_paths(dataset, split)
     ds = tf.data.Dataset.from_tensor_slices(paths)
     if record_shard is not None:  # (count, index): every count-th record of the stored order, then shuffled
@@ -64,18 +68,26 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
         count = dataset.counts[split] if records is None else min(records, dataset.counts[split])
         ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
     image_shape, num_classes = dataset.image_shape, dataset.num_classes
+    augment = augment if augment is not None and augment.enabled else None
+    weights = tf.constant(class_weights, tf.float32) if class_weights is not None else None
 
-    def parse(serialized):
+    def parse(index, serialized):
         images, labels = decode_batch(serialized, image_shape)
         if not raw_uint8:
             images = tf.cast(images, tf.float32) / 255.0
-        return images, encode_labels(labels, label_mode, num_classes)
+        if augment is not None:
+            images = augment_batch(images, tf.stack([tf.constant(seed or 0, tf.int64), index]), augment)
+        if weights is None:
+            return images, encode_labels(labels, label_mode, num_classes)
+        return images, encode_labels(labels, label_mode, num_classes), tf.gather(weights, labels)
 
-    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # The batch index numbers the batches before any skip, so a resumed epoch draws the same augmentations.
+    return ds.enumerate().map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def per_worker_dataset_fn(dataset: DatasetArtifact, split: str, global_batch_size: int, *, shuffle_buffer: int | None = None,
-                          seed: int | None = None, label_mode: str = "sparse"):
+def per_worker_dataset_fn(dataset: DatasetArtifact, split: str, global_batch_size: int, *,
+                          shuffle_buffer: int | None = None, seed: int | None = None, label_mode: str = "sparse",
+                          augment: AugmentConfig | None = None, class_weights: list[float] | None = None):
     """For `strategy.distribute_datasets_from_function`: each input pipeline (worker) reads its own part of the
     split, whole shard files when there are at least as many files as pipelines, else every n-th record, and
     batches at the per-replica size. Together the pipelines read every record once per epoch."""
@@ -84,10 +96,10 @@ def per_worker_dataset_fn(dataset: DatasetArtifact, split: str, global_batch_siz
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(global_batch_size)
         n, i = context.num_input_pipelines, context.input_pipeline_id
+        common = dict(shuffle_buffer=shuffle_buffer, seed=seed, label_mode=label_mode, augment=augment,
+                      class_weights=class_weights)
         if len(paths) >= n:
-            return make_dataset(dataset, split, batch, shuffle_buffer=shuffle_buffer, seed=seed,
-                                label_mode=label_mode, files=paths[i::n])
-        return make_dataset(dataset, split, batch, shuffle_buffer=shuffle_buffer, seed=seed, label_mode=label_mode,
-                            files=paths, record_shard=(n, i))
+            return make_dataset(dataset, split, batch, files=paths[i::n], **common)
+        return make_dataset(dataset, split, batch, files=paths, record_shard=(n, i), **common)
 
     return dataset_fn

@@ -153,7 +153,27 @@ def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: 
     if train["local_workers"]:  # the launcher and the workers it starts name the same model
         train.update(strategy="multi_worker", local_workers=None)
     return fingerprint({"dataset": dataset.fingerprint, "model": cfg.model.model_dump(mode="json"), "train": train,
-                        "shuffle_buffer": cfg.data.shuffle_buffer, "code": TRAIN_CODE_VERSION})
+                        "shuffle_buffer": cfg.data.shuffle_buffer, "augment": cfg.data.augment.model_dump(mode="json"),
+                        "code": TRAIN_CODE_VERSION})
+
+
+def class_weights(cfg: PipelineConfig, dataset: DatasetArtifact) -> list[float] | None:
+    """train.class_weight as one weight per class index: `balanced` is n / (classes * count of the class) over
+    the training split's class histogram (scikit-learn's rule), a mapping sets some classes (the rest weigh 1)."""
+    setting, classes = cfg.train.class_weight, dataset.num_classes
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        counts = np.asarray(dataset.class_histograms.get("train", []), np.float64)
+        if len(counts) != classes:
+            raise PipelineError(f"train.class_weight=balanced needs the class histogram of {dataset.uri}, which "
+                                f"its manifest lacks: run ingest again with --rerun ingest")
+        return [float(counts.sum() / (classes * c)) if c else 0.0 for c in counts]
+    unknown = sorted(k for k in setting if k >= classes)
+    if unknown:
+        raise PipelineError(f"train.class_weight names class {unknown[0]}, but the dataset has {classes} classes "
+                            f"(0-{classes - 1}): fix the mapping")
+    return [float(setting.get(k, 1.0)) for k in range(classes)]
 
 
 class StopRequest:
@@ -196,6 +216,13 @@ def work_dir(cfg: PipelineConfig, fp: str) -> str:
 def mirror_dir(cfg: PipelineConfig, fp: str) -> str | None:
     """Where a bucket root keeps the work dir's copy, so that a run killed on one machine resumes on another."""
     return None if is_local(cfg.artifacts.root) else join(cfg.artifacts.root, STAGE, f".work-{fp}")
+
+
+def clear_work(cfg: PipelineConfig, fp: str) -> None:
+    """Remove the work dir and its bucket copy: after publishing, and before a rebuild (--rerun train)."""
+    remove_tree(work_dir(cfg, fp))
+    if mirror_dir(cfg, fp):
+        remove_tree(mirror_dir(cfg, fp))
 
 
 @dataclass
@@ -242,14 +269,18 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
     """
     precision = resolve_precision(cfg.train.precision)
     fp = train_fingerprint(cfg, dataset, precision[0])
-    root, uri = cfg.artifacts.root, stage_dir(cfg.artifacts.root, STAGE, fp)
+    root, uri, rebuild = cfg.artifacts.root, stage_dir(cfg.artifacts.root, STAGE, fp), cfg.rebuilds(STAGE)
     if cfg.train.local_workers:  # the workers it starts train and publish; this process reads the result
-        manifest = find_published(root, STAGE, fp)
+        manifest = None if rebuild else find_published(root, STAGE, fp)
+        if rebuild:
+            clear_work(cfg, fp)
         return model_artifact(uri, manifest or run_local_workers(cfg, fp), cache_hit=manifest is not None)
 
     strategy = make_strategy(cfg.train)
 
     def build(out: str) -> dict:
+        if rebuild and not is_multi_worker(strategy):  # from scratch, not from an interrupted run's checkpoint
+            clear_work(cfg, fp)
         return train_and_save(start_run(cfg, dataset, strategy, precision, fp), out, on_epoch)
 
     with lost_worker_errors(strategy, cfg.train.collective_timeout_s):
@@ -270,9 +301,9 @@ def publish_model(cfg: PipelineConfig, fp: str, strategy: tf.distribute.Strategy
     root = cfg.artifacts.root
     uri = stage_dir(root, STAGE, fp)
     if chief:
-        published = reuse_or_publish(root, STAGE, fp, build)
+        published = reuse_or_publish(root, STAGE, fp, build, rebuild=cfg.rebuilds(STAGE))
     else:
-        manifest = find_published(root, STAGE, fp)
+        manifest = None if cfg.rebuilds(STAGE) else find_published(root, STAGE, fp)
         published = Published(uri, manifest or {}, cache_hit=manifest is not None)
         if not published.cache_hit:
             scratch = join(work_dir(cfg, fp), f".worker-{index}")
@@ -286,9 +317,7 @@ def publish_model(cfg: PipelineConfig, fp: str, strategy: tf.distribute.Strategy
     if is_multi_worker(strategy):
         barrier(strategy)  # the chief has published when every worker gets past this
     if chief:
-        remove_tree(work_dir(cfg, fp))
-        if mirror_dir(cfg, fp):
-            remove_tree(mirror_dir(cfg, fp))
+        clear_work(cfg, fp)
         return published
     manifest = find_published(root, STAGE, fp)
     if manifest is None:
@@ -325,10 +354,15 @@ def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
     middle of an epoch resumes by skipping the batches it had trained on."""
     tc = cfg.train
     make = per_worker_dataset_fn if is_multi_worker(strategy) else make_dataset
+    weights = class_weights(cfg, dataset)
+    if weights is not None:
+        log.info("class weights: %s", ", ".join(f"{i}={w:.3g}" for i, w in enumerate(weights)))
+    if cfg.data.augment.flip and dataset.image_shape[-1] == 1:
+        log.warning("data.augment.flip mirrors single-channel images: right for photos, wrong for digits and text")
 
     def train_input(epoch: int, skip: int = 0):
         data = make(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed + epoch,
-                    label_mode=LABEL_MODES[tc.loss])
+                    label_mode=LABEL_MODES[tc.loss], augment=cfg.data.augment, class_weights=weights)
         if not skip:
             return data
         return data.skip(skip) if isinstance(data, tf.data.Dataset) else (lambda context: data(context).skip(skip))
@@ -380,6 +414,34 @@ def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -
             "config": run.cfg.model_dump(mode="json"), **stopping}
 
 
+class MetricWatch:
+    """The best value of a validation metric so far, the epoch it came in and the epochs since, as variables the
+    checkpoint holds (a resumed run continues the count)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, monitor: str, min_delta: float):
+        self.monitor, self.min_delta = monitor, min_delta
+        self.lower_is_better = monitor.endswith("loss")
+        with strategy.scope():
+            self.best = tf.Variable(np.inf if self.lower_is_better else -np.inf, dtype=tf.float64, trainable=False)
+            self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.wait = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def state(self, prefix: str) -> dict:
+        return {f"{prefix}_best": self.best, f"{prefix}_best_epoch": self.best_epoch, f"{prefix}_wait": self.wait}
+
+    def update(self, epoch: int, logs: dict) -> bool:
+        """Record the epoch's value; True when it is the best so far."""
+        value, best = float(logs[self.monitor]), float(self.best.numpy())
+        improved = value < best - self.min_delta if self.lower_is_better else value > best + self.min_delta
+        if improved:
+            self.best.assign(value)
+            self.best_epoch.assign(epoch + 1)
+            self.wait.assign(0)
+        else:
+            self.wait.assign_add(1)
+        return improved
+
+
 class EarlyStopping:
     """train.early_stopping: training stops when the monitored validation metric has not improved by `min_delta`
     for `patience` epochs, and the published model is the best epoch's weights (`restore_best`). Its state (best
@@ -387,37 +449,63 @@ class EarlyStopping:
 
     def __init__(self, run: TrainingRun):
         self.cfg, self.model = run.cfg.train.early_stopping, run.model
-        self.lower_is_better = self.cfg.monitor.endswith("loss")
+        self.watch = MetricWatch(run.strategy, self.cfg.monitor, self.cfg.min_delta)
+        self.best_epoch = self.watch.best_epoch
         with run.strategy.scope():
-            self.best = tf.Variable(np.inf if self.lower_is_better else -np.inf, dtype=tf.float64, trainable=False)
-            self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-            self.wait = tf.Variable(0, dtype=tf.int64, trainable=False)
             self.weights = [tf.Variable(tf.convert_to_tensor(w), trainable=False) for w in run.model.weights]
 
     def state(self) -> dict:
-        return {"es_best": self.best, "es_best_epoch": self.best_epoch, "es_wait": self.wait, "es_weights": self.weights}
+        return {**self.watch.state("es"), "es_weights": self.weights}
+
+    def stalled(self) -> bool:
+        return int(self.watch.wait.numpy()) >= self.cfg.patience
 
     def update(self, epoch: int, logs: dict) -> str | None:
         """Record the epoch; the reason to stop, when it is time to."""
-        value, best = float(logs[self.cfg.monitor]), float(self.best.numpy())
-        improved = value < best - self.cfg.min_delta if self.lower_is_better else value > best + self.cfg.min_delta
-        if improved:
-            self.best.assign(value)
-            self.best_epoch.assign(epoch + 1)
-            self.wait.assign(0)
+        if self.watch.update(epoch, logs):
             for copy, weight in zip(self.weights, self.model.weights):
                 copy.assign(weight)
             return None
-        self.wait.assign_add(1)
-        if int(self.wait.numpy()) < self.cfg.patience:
+        if not self.stalled():
             return None
         return (f"early stopping: {self.cfg.monitor} did not improve by more than {self.cfg.min_delta:g} for "
-                f"{self.cfg.patience} epochs (best {best:.4f} at epoch {int(self.best_epoch.numpy())})")
+                f"{self.cfg.patience} epochs (best {float(self.watch.best.numpy()):.4f} at epoch "
+                f"{int(self.best_epoch.numpy())})")
 
     def restore(self) -> None:
         for weight, copy in zip(self.model.weights, self.weights):
             weight.assign(copy)
         log.info("published the weights of epoch %d, the best %s", int(self.best_epoch.numpy()), self.cfg.monitor)
+
+
+class Plateau:
+    """train.lr_schedule plateau, as keras.callbacks.ReduceLROnPlateau: the rate is multiplied by `factor` (not
+    below `min_lr`) when `monitor` has not improved for `patience` epochs. Its state and the current rate live in
+    the checkpoint, and the same object drives fit and the custom loop (it sets the optimizer's rate)."""
+
+    def __init__(self, run: TrainingRun):
+        self.cfg, self.optimizer = run.cfg.train.lr_schedule, getattr(run.optimizer, "inner_optimizer", run.optimizer)
+        self.watch = MetricWatch(run.strategy, self.cfg.monitor, self.cfg.min_delta)
+        with run.strategy.scope():
+            self.rate = tf.Variable(run.cfg.train.optimizer.learning_rate, dtype=tf.float64, trainable=False)
+
+    def state(self) -> dict:
+        return {**self.watch.state("plateau"), "plateau_rate": self.rate}
+
+    def apply(self) -> None:
+        """Give the optimizer the current rate (after a restore)."""
+        self.optimizer.learning_rate = float(self.rate.numpy())
+
+    def update(self, epoch: int, logs: dict) -> None:
+        if self.watch.update(epoch, logs) or int(self.watch.wait.numpy()) < self.cfg.patience:
+            return
+        rate = max(float(self.rate.numpy()) * self.cfg.factor, self.cfg.min_lr)
+        if rate < float(self.rate.numpy()):
+            log.info("%s has not improved for %d epochs: learning rate %.3g -> %.3g", self.cfg.monitor,
+                     self.cfg.patience, float(self.rate.numpy()), rate)
+            self.rate.assign(rate)
+            self.apply()
+        self.watch.wait.assign(0)
 
 
 class EpochRecorder:
@@ -436,9 +524,11 @@ class EpochRecorder:
         rng = {f"rng_{i}": v for i, v in enumerate(run.model.non_trainable_variables)
                if v.name == "seed_generator_state"}
         self.early = EarlyStopping(run) if run.cfg.train.early_stopping.enabled else None
+        self.plateau = Plateau(run) if run.cfg.train.lr_schedule.name == "plateau" else None
         self.stop_reason: str | None = None
         self.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, completed_epochs=self.completed,
-                                              steps_into_epoch=self.steps, **rng, **(self.early.state() if self.early else {}))
+                                              steps_into_epoch=self.steps, **rng, **(self.early.state() if self.early else {}),
+                                              **(self.plateau.state() if self.plateau else {}))
         os.makedirs(run.worker_dir, exist_ok=True)
         self.manager = tf.train.CheckpointManager(self.checkpoint, join(run.worker_dir, "checkpoints"), max_to_keep=2)
         self.history_path = join(run.work, "history.json")
@@ -453,7 +543,9 @@ class EpochRecorder:
             return 0, 0
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         done, steps = int(self.completed.numpy()), int(self.steps.numpy())
-        if self.early is not None and int(self.early.wait.numpy()) >= self.run.cfg.train.early_stopping.patience:
+        if self.plateau is not None:
+            self.plateau.apply()
+        if self.early is not None and self.early.stalled():
             self.stop_reason = "early stopping: decided before the interruption"
         history = read_json(self.history_path)["epochs"] if os.path.exists(self.history_path) else []
         self.history = history[:done]
@@ -472,6 +564,8 @@ class EpochRecorder:
 
     def end_epoch(self, epoch: int, logs: dict, train_seconds: float, wall_seconds: float) -> None:
         train_count = self.run.dataset.counts["train"]
+        if self.plateau is not None:  # first: the record holds the rate the next epoch trains with
+            self.plateau.update(epoch, logs)
         record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}, "train_seconds": train_seconds,
                   "wall_seconds": wall_seconds, "images_per_second": train_count / max(train_seconds, 1e-9),
                   "learning_rate": current_learning_rate(self.run.optimizer)}  # the rate the next step applies
@@ -636,11 +730,11 @@ class CustomSteps:
             self.test_metrics = make_metrics(tc.loss, run.dataset.num_classes, prefix="val_")
         self.scale_loss = isinstance(run.optimizer, keras.optimizers.LossScaleOptimizer)
 
-    def step(self, images, labels):
+    def step(self, images, labels, weights=None):
         model, optimizer = self.run.model, self.run.optimizer
         with tf.GradientTape() as tape:
             predictions = model(images, training=True)
-            per_example = self.loss_object(labels, predictions)
+            per_example = self.loss_object(labels, predictions, sample_weight=weights)  # class weights, when set
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.run.cfg.train.batch_size)
             scaled = optimizer.scale_loss(loss) if self.scale_loss else loss
         gradients = tape.gradient(scaled, model.trainable_variables)
@@ -656,8 +750,8 @@ class CustomSteps:
             metric.update_state(labels, predictions)
 
     @tf.function(reduce_retracing=True)  # the last, smaller batch must not trigger a retrace per epoch
-    def train_step(self, images, labels):
-        self.run.strategy.run(self.step, args=(images, labels))
+    def train_step(self, *batch):  # (images, labels) or (images, labels, class weights)
+        self.run.strategy.run(self.step, args=batch)
 
     @tf.function(reduce_retracing=True)
     def test_step(self, images, labels):
@@ -680,10 +774,10 @@ def _custom_loop(run: TrainingRun, start_epoch: int, start_step: int, recorder: 
         steps.reset()
         started = time.perf_counter()
         done = start_step if epoch == start_epoch else 0
-        for images, labels in distribute(run.strategy, run.train_input(epoch, done)):
+        for batch in distribute(run.strategy, run.train_input(epoch, done)):
             if run.stop.signal is not None:
                 recorder.interrupt(epoch, done)
-            steps.train_step(images, labels)
+            steps.train_step(*batch)
             done += 1
         train_seconds = time.perf_counter() - started
         for images, labels in distribute(run.strategy, run.val_data):

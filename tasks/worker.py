@@ -25,7 +25,7 @@ def ingest_on_cluster(cfg: PipelineConfig) -> DatasetArtifact:
     with lost_worker_errors(strategy, cfg.train.collective_timeout_s):
         if chief:
             try:
-                dataset = ingest(cfg.data, cfg.artifacts.root)
+                dataset = ingest(cfg.data, cfg.artifacts.root, cfg.rebuilds("ingest"))
             except PipelineError as exc:
                 broadcast_text(strategy, "error:" + str(exc)[:900])
                 raise
@@ -45,7 +45,7 @@ def ingest_for(cfg: PipelineConfig) -> DatasetArtifact:
     """The dataset for a training run: ingested here, or under multi_worker through the chief."""
     if cfg.train.strategy == "multi_worker":
         return ingest_on_cluster(cfg)
-    return ingest(cfg.data, cfg.artifacts.root)
+    return ingest(cfg.data, cfg.artifacts.root, cfg.rebuilds("ingest"))
 
 
 def main(argv: list[str] | None = None) -> int:

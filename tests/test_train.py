@@ -177,6 +177,9 @@ class Crash(Exception):
     ("fit", []), ("custom", []),
     ("fit", ["train.lr_schedule.name=cosine", "train.lr_schedule.warmup_epochs=1", "train.early_stopping.enabled=true",
              "train.early_stopping.patience=1", "train.early_stopping.min_delta=10"]),
+    *[(mode, ["train.lr_schedule.name=plateau", "train.lr_schedule.patience=1", "train.lr_schedule.min_delta=10",
+                "data.augment.translation=0.1", "data.augment.zoom=0.1", "train.class_weight=balanced"])
+      for mode in ("fit", "custom")],
 ])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mode, extra):
     """Deterministic training stopped after epoch 1 and resumed gives bit-identical weights to a run that never
@@ -206,7 +209,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mod
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     history = json.load(open(f"{resumed.uri}/history.json"))["epochs"]
-    assert [h["epoch"] for h in history] == ([1, 2] if extra else [1, 2, 3])  # patience 1: stops after epoch 2
+    stops = any("early_stopping" in e for e in extra)  # patience 1: stops after epoch 2
+    assert [h["epoch"] for h in history] == ([1, 2] if stops else [1, 2, 3])
 
 
 @pytest.mark.parametrize("mode", ["fit", "custom"])
@@ -325,3 +329,99 @@ def test_early_stopping_stops_on_a_plateau_and_publishes_the_best_epoch(tmp_path
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigError, match="monitor a validation metric"):
         make_config(tmp_path, "train.early_stopping.monitor=loss")
+
+
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_plateau_schedule_drops_the_rate_when_the_monitor_stalls(root, mode):
+    """min_delta=10 makes every epoch after the first a plateau: with patience 1 the rate drops by `factor` after
+    each of them, down to min_lr."""
+    cfg = make_config(root, "data.limit=300", "train.epochs=4", "train.batch_size=50", f"train.mode={mode}",
+                      "train.optimizer.learning_rate=0.01", "train.lr_schedule.name=plateau",
+                      "train.lr_schedule.patience=1", "train.lr_schedule.factor=0.5", "train.lr_schedule.min_delta=10",
+                      "train.lr_schedule.min_lr=0.002")
+    artifact = train(cfg, ingest(cfg.data, cfg.artifacts.root))
+    rates = [h["learning_rate"] for h in json.load(open(f"{artifact.uri}/history.json"))["epochs"]]
+    assert rates == pytest.approx([0.01, 0.005, 0.0025, 0.002], rel=1e-6)
+    with pytest.raises(ConfigError, match="warmup_epochs is for the cosine schedule"):
+        make_config(root, "train.lr_schedule.name=plateau", "train.lr_schedule.warmup_epochs=1")
+
+
+def test_augmentation_changes_training_batches_only_and_repeats_with_the_seed(root):
+    from tasks.train import training_inputs
+
+    sets = ["data.limit=256", "train.batch_size=32", "train.epochs=1"]
+    plain_cfg = make_config(root, *sets)
+    dataset = ingest(plain_cfg.data, plain_cfg.artifacts.root)
+    cfg = make_config(root, *sets, "data.augment.translation=0.1", "data.augment.rotation=0.05",
+                      "data.augment.zoom=0.1", "data.augment.contrast=0.2")
+    strategy = make_strategy(cfg.train)
+    plain_train, plain_val = training_inputs(plain_cfg, dataset, strategy)
+    train_input, val = training_inputs(cfg, dataset, strategy)
+
+    batches = [(x.numpy(), y.numpy()) for x, y in train_input(0)]
+    plain = [(x.numpy(), y.numpy()) for x, y in plain_train(0)]
+    for (x, y), (px, py) in zip(batches, plain, strict=True):
+        np.testing.assert_array_equal(y, py)  # the same examples in the same order ...
+        assert np.abs(x - px).mean() > 0.01  # ... changed
+        assert x.min() >= 0 and x.max() <= 1
+    # the same seed and epoch give the same batches; a resumed epoch (skip 3) continues with the same ones
+    again = [x.numpy() for x, _ in train_input(0, 3)]
+    for x, (expected, _) in zip(again, batches[3:], strict=True):
+        np.testing.assert_array_equal(x, expected)
+    assert np.abs(next(iter(train_input(1)))[0].numpy() - batches[0][0]).mean() > 0.01  # another epoch: others
+    for (x, y), (px, py) in zip(val, plain_val, strict=True):  # validation is never augmented
+        np.testing.assert_array_equal(x.numpy(), px.numpy())
+
+
+def test_augmentation_geometry():
+    """One bright pixel: a translation moves it by at most translation * size; a flip mirrors about half of the
+    batch; rotation and zoom keep it near the centre's distance rules; contrast keeps the mean of a flat image."""
+    import tensorflow as tf
+
+    from pipeline_config import AugmentConfig
+    from tasks.augment import augment_batch
+
+    images = np.zeros((64, 21, 21, 1), np.float32)
+    images[:, 10, 14] = 1.0  # 4 px right of the centre
+    seed = tf.constant([7, 0], tf.int64)
+
+    def spots(cfg):
+        out = augment_batch(tf.constant(images), seed, cfg).numpy()[..., 0]
+        return np.array([np.unravel_index(np.argmax(o), o.shape) for o in out])
+
+    moved = spots(AugmentConfig(translation=0.2))
+    assert np.abs(moved - [10, 14]).max() <= 0.2 * 21 + 1 and len({tuple(p) for p in moved}) > 10
+    flipped = spots(AugmentConfig(flip=True))
+    assert set(map(tuple, flipped)) == {(10, 14), (10, 6)} and 16 < (flipped[:, 1] == 6).sum() < 48
+    turned = spots(AugmentConfig(rotation=0.25))  # up to 90 degrees: the distance from the centre stays ~4
+    assert np.all(np.abs(np.hypot(turned[:, 0] - 10, turned[:, 1] - 10) - 4) <= 1.0)
+    zoomed = spots(AugmentConfig(zoom=0.5))  # scale 0.5-1.5 about the centre: the pixel stays on its row
+    assert np.all(zoomed[:, 0] == 10) and zoomed[:, 1].min() >= 12 and zoomed[:, 1].max() <= 19
+    flat = np.full((8, 5, 5, 1), 0.5, np.float32)
+    np.testing.assert_allclose(augment_batch(tf.constant(flat), seed, AugmentConfig(contrast=0.5)).numpy(), flat, atol=1e-6)
+
+
+def test_class_weights_come_from_the_training_histogram(tmp_path):
+    from tasks.errors import PipelineError
+    from tasks.train import class_weights, training_inputs
+
+    x, y = mnist_arrays("train", 600)
+    keep = (y != 3) | (np.arange(len(y)) % 4 == 0)  # class 3 four times rarer
+    write_parquet_source(tmp_path / "src", (x[keep], y[keep]), mnist_arrays("test", 50))
+    cfg = make_config(tmp_path / "root", f"data.source=parquet:{tmp_path / 'src'}", "train.class_weight=balanced",
+                      "train.batch_size=64")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    labels = np.concatenate([b[1].numpy() for b in make_dataset(dataset, "train", 512)])
+    counts = np.bincount(labels, minlength=10)
+    weights = class_weights(cfg, dataset)
+    assert weights == pytest.approx(list(len(labels) / (10 * counts)))
+    assert weights[3] > 3 * weights[0]
+    train_input, _ = training_inputs(cfg, dataset, make_strategy(cfg.train))
+    for images, batch_labels, batch_weights in train_input(0):
+        np.testing.assert_allclose(batch_weights.numpy(), np.array(weights, np.float32)[batch_labels.numpy()])
+    manual = make_config(tmp_path / "root", "train.class_weight={3: 4.0}")
+    assert class_weights(manual, dataset) == [1.0, 1.0, 1.0, 4.0] + [1.0] * 6
+    with pytest.raises(PipelineError, match="names class 12, but the dataset has 10 classes"):
+        class_weights(make_config(tmp_path / "root", "train.class_weight={12: 2.0}"), dataset)
+    with pytest.raises(ConfigError, match="weights are > 0"):
+        make_config(tmp_path / "root", "train.class_weight={3: 0}")
