@@ -284,8 +284,19 @@ def serve(config: ConfigOpt = None, set: SetOpt = None) -> None:
     serve_deployments(cfg, config, _overrides_dict(set))
 
 
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
+        "Also show TensorFlow's C++ logs, its retracing warnings and Prefect's server notes (hidden by default); "
+        "accepted anywhere on the command line."))] = False) -> None:
+    """tfpipe: train, evaluate and serve Keras image classifiers with Prefect."""
+
+
 def main() -> None:
-    app(prog_name="tfpipe")
+    from flows import console
+
+    argv = sys.argv[1:]
+    console.configure(argv)  # before TensorFlow loads: its C++ start-up lines are hidden unless -v
+    app(args=[a for a in argv if a not in ("-v", "--verbose")], prog_name="tfpipe")
 
 
 if __name__ == "__main__":

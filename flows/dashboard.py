@@ -64,6 +64,24 @@ def progress(key: str, description: str) -> Callable[[float], None]:
     return update
 
 
+def tag_run(*tags: str) -> None:
+    """Add tags to this flow run (the Runs page filters by them), keeping the ones it has."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if run_id is None:  # a stage called outside a flow
+        return
+
+    def add():
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(run_id).tags
+            client.update_flow_run(run_id, tags=sorted(set(current) | set(tags)))
+
+    _call(add)
+
+
 def drain(timeout: float = 30.0) -> None:
     """Wait up to `timeout` seconds for the queued dashboard calls (a run's last updates)."""
     wait(list(_pending), timeout=timeout)

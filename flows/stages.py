@@ -16,7 +16,8 @@ from pipeline_config import ConfigError, PipelineConfig
 from tasks import evaluate as evaluate_stage
 from tasks import predict as predict_stage
 from tasks import train as train_stage
-from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names, join
+from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names, join,
+                             read_json)
 from tasks.errors import PipelineError
 from tasks.worker import ingest_for
 
@@ -48,7 +49,9 @@ def _finish(artifact, what: str):
 @task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def ingest_task(cfg: PipelineConfig) -> DatasetArtifact:
     """Source -> verified TFRecord cache. Retried: reading a source is I/O that can fail transiently."""
-    return _finish(ingest_for(cfg), "ingest")
+    dataset = ingest_for(cfg)
+    dashboard.tag_run(f"dataset:{dataset.fingerprint[:12]}")
+    return _finish(dataset, "ingest")
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -58,7 +61,16 @@ def train_task(cfg: PipelineConfig, dataset: DatasetArtifact) -> ModelArtifact:
     progress = dashboard.progress("training-progress", f"epochs of train.epochs={cfg.train.epochs}")
     model = train_stage.train(cfg, dataset, on_epoch=lambda r: progress(100.0 * r["epoch"] / r["epochs"]))
     progress(100.0)
+    dashboard.tag_run(f"model:{model.fingerprint[:12]}")
+    history = read_json(join(model.uri, model.history_path))["epochs"]
+    dashboard.table("training-history", description="one row per epoch", rows=[history_row(h) for h in history])
     return _finish(model, "train")
+
+
+def history_row(epoch: dict) -> dict:
+    """One epoch of history.json as a dashboard row; the column names sort into reading order on the page."""
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second")
+    return {"epoch": epoch["epoch"], **{k: round(float(epoch[k]), 6) for k in keys if k in epoch}}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -69,11 +81,21 @@ def evaluate_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArt
     dashboard.table("evaluation-metrics", description="test-split metrics and gate checks", rows=[
         {"metric": k, "value": round(metrics[k], 6)} for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1")
     ] + [{"metric": f"gate {r.describe()}", "value": "pass" if r.passed else "FAIL"} for r in evaluation.reasons])
-    names = class_names(dataset.label_names, len(metrics["confusion_matrix"]))
-    dashboard.table("confusion-matrix", description="rows: true class, columns: predicted class", rows=[
-        {"true": names[i], **{names[j]: v for j, v in enumerate(row)}} for i, row in enumerate(metrics["confusion_matrix"])
-    ])
+    dashboard.table("confusion-matrix", description="one row per actual class; columns: how often it was predicted "
+                    "as each class", rows=confusion_rows(metrics["confusion_matrix"], dataset.label_names))
     return evaluation
+
+
+def confusion_rows(matrix: list[list[int]], label_names: list[str] | None) -> list[dict]:
+    """The UI orders a table's columns by name: `actual class` sorts before `predicted 0..`, and the predicted
+    class indices are zero-padded so that 10 comes after 9."""
+    names = class_names(label_names, len(matrix))
+    width = len(str(len(matrix) - 1))
+
+    def column(j: int) -> str:
+        return f"predicted {j:0{width}d}" + ("" if names[j] == str(j) else f" {names[j]}")
+
+    return [{"actual class": names[i], **{column(j): v for j, v in enumerate(row)}} for i, row in enumerate(matrix)]
 
 
 @task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -112,7 +134,8 @@ def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: 
         "## Artifacts",
         f"- dataset: `{dataset.uri}`",
         f"- model: `{join(model.uri, model.model_path)}` (SavedModel `{join(model.uri, model.saved_model_path)}`)",
-        f"- evaluation: `{evaluation.uri}` (metrics.json, confusion_matrix.png, training_curves.png)",
+        f"- evaluation: `{evaluation.uri}`: " + ", ".join(f"[{p}]({join(evaluation.uri, p)})"
+                                                         for p in [evaluation.metrics_path, *evaluation.plots]),
         f"- predictions: `{prediction.output}` ({prediction.rows} rows)" if prediction else "- predictions: none (no champion)",
     ]
     return "\n".join(lines)

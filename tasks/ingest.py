@@ -26,6 +26,7 @@ import numpy as np
 from pipeline_config import DataConfig, fingerprint
 from tasks.artifacts import DatasetArtifact, file_sha256, is_local, join, reuse_or_publish
 from tasks.errors import CorruptArtifact, PipelineError
+from tasks.progress import progress_bar
 from tasks.sources import SPLITS, Batch, expected_shape, open_source, source_hash
 
 log = logging.getLogger("tfpipe.ingest")
@@ -295,8 +296,10 @@ def write_cache(cfg: DataConfig, src_hash: str, hash_method: str, out: str) -> d
     cache = CacheWriter(out, cfg)
     for split in SPLITS:
         stream = source.splits[split]
-        for batch in stream.batches:
-            cache.add(split, batch, stream.total)
+        with progress_bar(f"ingest {split}", stream.total, "rows") as update:
+            for batch in stream.batches:
+                cache.add(split, batch, stream.total)
+                update(advance=len(batch.labels))
         if split == "test" and "test" not in {s for s, w in cache.splits.items() if w.counts.sum()}:
             raise PipelineError(f"{cfg.source}: the test split is empty: it needs at least one example")
     body = cache.finish(source.label_names)

@@ -33,6 +33,7 @@ from tasks.errors import PipelineError
 from tasks.images import (check_numpy_images, decode_images, iter_parquet_batches, load_npz, open_parquet, parquet_files,
                           schema_metadata)
 from tasks.model import class_probabilities, load_model
+from tasks.progress import progress_bar
 
 log = logging.getLogger("tfpipe.predict")
 
@@ -197,17 +198,19 @@ def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path
     tmp = output_path.parent / f".{output_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     writer, rows = None, 0
     try:
-        for images, keys in chunks:
-            if list(images.shape[1:]) != predictor.image_shape:
-                raise PipelineError(f"{input_path}: images are {list(images.shape[1:])} but the model expects "
-                                    f"{predictor.image_shape}: predict with a model trained on this kind of image")
-            if len(images) == 0:
-                continue
-            batch = _output_batch(predictor.forward(images), keys, rows, predictor.manifest.get("label_names"))
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, batch.schema.with_metadata(metadata))
-            writer.write_batch(batch)
-            rows += len(images)
+        with progress_bar("predict", None, "rows") as update:
+            for images, keys in chunks:
+                if list(images.shape[1:]) != predictor.image_shape:
+                    raise PipelineError(f"{input_path}: images are {list(images.shape[1:])} but the model expects "
+                                        f"{predictor.image_shape}: predict with a model trained on this kind of image")
+                if len(images) == 0:
+                    continue
+                batch = _output_batch(predictor.forward(images), keys, rows, predictor.manifest.get("label_names"))
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, batch.schema.with_metadata(metadata))
+                writer.write_batch(batch)
+                rows += len(images)
+                update(advance=len(images))
         if writer is None:
             raise PipelineError(f"{input_path} has no rows to predict: pass a non-empty input")
         writer.close()

@@ -12,6 +12,7 @@ scope, as a TrainingRun) -> `EpochRecorder.resume` -> `run_epochs` (fit or the c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ from tasks.cluster import barrier, is_multi_worker, lost_worker_errors, run_loca
 from tasks.devices import make_strategy, resolve_precision, strategy_devices, strategy_name
 from tasks.errors import PipelineError, Stopped
 from tasks.model import build_model, portable_copy
+from tasks.progress import on_terminal, progress_bar
 from tasks.reader import make_dataset, per_worker_dataset_fn
 
 log = logging.getLogger("tfpipe.train")
@@ -654,6 +656,7 @@ class _EpochLog(keras.callbacks.Callback):
         super().__init__()
         self.run, self.recorder, self.batches = run, recorder, skipped
         self.per_epoch = -(-run.dataset.counts["train"] // run.cfg.train.batch_size)
+        self.bar = contextlib.ExitStack()
 
     @property
     def unfinished(self) -> bool:
@@ -663,21 +666,38 @@ class _EpochLog(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
         self.train_seconds = None
+        self.update = self.bar.enter_context(epoch_bar(self.run, epoch, self.batches))
 
     def on_train_batch_end(self, batch, logs=None):
         self.batches += 1
+        self.update(advance=1, info=running_metrics(logs or {}))
         if self.run.stop.signal is not None:
             self.model.stop_training = True
 
     def on_test_begin(self, logs=None):
+        self.bar.close()
         if self.train_seconds is None:
             self.train_seconds = time.perf_counter() - self.started
 
     def on_epoch_end(self, epoch, logs=None):
+        self.bar.close()
         if self.unfinished:
             return
         wall = time.perf_counter() - self.started
         self.recorder.end_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()}, self.train_seconds or wall, wall)
+
+
+@contextlib.contextmanager
+def epoch_bar(run: TrainingRun, epoch: int, done: int):
+    """The terminal's progress bar over one epoch's batches, `done` of them already trained (resume)."""
+    per_epoch = -(-run.dataset.counts["train"] // run.cfg.train.batch_size)
+    with progress_bar(f"epoch {epoch + 1}/{run.cfg.train.epochs}", per_epoch, "batches") as update:
+        update(advance=done)
+        yield update
+
+
+def running_metrics(logs: dict) -> str:
+    return "  ".join(f"{k} {float(logs[k]):.4f}" for k in ("loss", "accuracy") if k in logs)
 
 
 def _fit(run: TrainingRun, start_epoch: int, start_step: int, recorder: EpochRecorder) -> None:
@@ -761,6 +781,10 @@ class CustomSteps:
         for metric in [self.train_loss, self.test_loss, *self.train_metrics, *self.test_metrics]:
             metric.reset_state()
 
+    def running(self) -> dict[str, float]:
+        """The training loss and accuracy so far this epoch."""
+        return {"loss": float(self.train_loss.result()), "accuracy": float(self.train_metrics[0].result())}
+
     def results(self) -> dict[str, float]:
         logs = {"loss": self.train_loss.result(), "val_loss": self.test_loss.result(),
                 **{m.name: m.result() for m in self.train_metrics + self.test_metrics}}
@@ -774,11 +798,14 @@ def _custom_loop(run: TrainingRun, start_epoch: int, start_step: int, recorder: 
         steps.reset()
         started = time.perf_counter()
         done = start_step if epoch == start_epoch else 0
-        for batch in distribute(run.strategy, run.train_input(epoch, done)):
-            if run.stop.signal is not None:
-                recorder.interrupt(epoch, done)
-            steps.train_step(*batch)
-            done += 1
+        with epoch_bar(run, epoch, done) as update:
+            for batch in distribute(run.strategy, run.train_input(epoch, done)):
+                if run.stop.signal is not None:
+                    recorder.interrupt(epoch, done)
+                steps.train_step(*batch)
+                done += 1
+                if on_terminal() and done % 10 == 0:  # reading the metrics waits for the step: not every batch
+                    update(advance=10, info=running_metrics(steps.running()))
         train_seconds = time.perf_counter() - started
         for images, labels in distribute(run.strategy, run.val_data):
             steps.test_step(images, labels)

@@ -68,12 +68,20 @@ def test_training_flow_completes_reports_and_skips_cached_stages(prefect_server,
     assert len(epoch_lines) == 1 and "val_accuracy=" in epoch_lines[0], epoch_lines  # one structured line per epoch
 
     artifacts = run_artifacts(first_id)
-    assert set(artifacts) == {"training-report", "evaluation-metrics", "confusion-matrix", "training-progress"}
+    assert set(artifacts) == {"training-report", "evaluation-metrics", "confusion-matrix", "training-progress",
+                              "training-history"}
     report = artifacts["training-report"].data
     assert "Promotion gate" in report and summary.model.fingerprint[:12] in report
+    plots = [f"]({summary.evaluation.uri}/{p})" for p in summary.evaluation.plots]
+    assert all(link in report for link in plots) and all(os.path.exists(link[2:-1]) for link in plots)
     assert float(artifacts["training-progress"].data) == 100.0
-    confusion = artifacts["confusion-matrix"].data
-    assert sum(sum(v for k, v in row.items() if k != "true") for row in json.loads(confusion)) == 300
+    confusion = json.loads(artifacts["confusion-matrix"].data)
+    assert sorted(confusion[0])[0] == "actual class" and [row["actual class"] for row in confusion] == list("0123456789")
+    assert sum(sum(v for k, v in row.items() if k.startswith("predicted ")) for row in confusion) == 300
+    history = json.loads(artifacts["training-history"].data)
+    assert [h["epoch"] for h in history] == [1] and {"loss", "val_accuracy", "learning_rate"} <= set(history[0])
+    tags = api(lambda c: c.read_flow_run(first_id)).tags
+    assert {f"dataset:{summary.dataset.fingerprint[:12]}", f"model:{summary.model.fingerprint[:12]}"} <= set(tags)
 
     started = time.perf_counter()
     again = training_pipeline(overrides=overrides, return_state=True)

@@ -1,0 +1,72 @@
+"""What the `tfpipe` command prints: quiet by default, everything with -v/--verbose.
+
+TensorFlow's C++ runtime logs through absl straight to file descriptor 2 before any Python setting can reach it
+(TF_CPP_MIN_LOG_LEVEL no longer silences the start-up lines, and every machine without a GPU gets an
+`E0000 ... failed call to cuInit` line). Quiet mode points descriptor 2 at a pipe whose reader drops those lines
+and passes every other line on, while Python's own sys.stderr (logs, errors, progress bars) writes to the real
+stderr directly, so nothing of ours waits on the pipe.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import sys
+import threading
+
+NATIVE_LOG_LINE = re.compile(
+    rb"^([IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] "  # absl / TensorFlow C++ log lines (F: fatal, kept)
+    rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    rb"|To enable the following instructions: .* rebuild TensorFlow)")
+
+
+def verbose_requested(argv: list[str]) -> bool:
+    return "-v" in argv or "--verbose" in argv
+
+
+def quiet_native_logs() -> None:
+    """Drop TensorFlow's C++ log lines from this process's stderr (call before TensorFlow loads)."""
+    try:
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:
+        return
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = io.TextIOWrapper(os.fdopen(real, "wb", buffering=0), encoding="utf-8", errors="replace",
+                                  line_buffering=True, write_through=True)
+    threading.Thread(target=_forward, args=(read_end, real), name="tfpipe-native-stderr", daemon=True).start()
+
+
+def _forward(read_end: int, real: int) -> None:
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        for line in iter(pipe.readline, b""):
+            if not NATIVE_LOG_LINE.match(line):
+                os.write(real, line)
+
+
+class _NoPrefectChatter(logging.Filter):
+    """Prefect's own INFO notes on the `prefect` logger (the temporary server starting and stopping); its flow
+    and task run lines come from child loggers and stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_python_logs() -> None:
+    """TensorFlow's Python warnings (retracing notes) and Prefect's server chatter, hidden unless verbose."""
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("prefect").addFilter(_NoPrefectChatter())
+
+
+def configure(argv: list[str]) -> bool:
+    """Quiet unless -v/--verbose is among the arguments; returns whether verbose."""
+    verbose = verbose_requested(argv)
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        quiet_native_logs()
+        quiet_python_logs()
+    return verbose

@@ -1,0 +1,62 @@
+"""What `tfpipe` prints: no TensorFlow C++ or CUDA lines unless -v, progress bars on a terminal only."""
+
+import os
+import pty
+import re
+import subprocess
+import sys
+
+from flows.console import NATIVE_LOG_LINE
+from tests.conftest import MNIST, REPO, run_cli
+
+
+def native_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines()
+            if NATIVE_LOG_LINE.match(line.encode()) or "cuInit" in line or "CUDA" in line]
+
+
+def test_predict_prints_no_tensorflow_startup_lines_unless_verbose(trained, tmp_path):
+    _, _, model = trained
+    args = ["predict", "--model", model.uri, "--allow-unblessed", "--input", str(MNIST / "test.parquet"),
+            "--set", f"artifacts.root={tmp_path}"]
+    quiet = run_cli(*args, "--output", str(tmp_path / "a.parquet"))
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert native_lines(quiet.stderr) == [] and "Traceback" not in quiet.stderr
+    assert "predictions by model" in quiet.stdout and "tfpipe.predict: predicted" in quiet.stderr
+    verbose = run_cli("-v", *args, "--output", str(tmp_path / "b.parquet"))
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert native_lines(verbose.stderr), verbose.stderr[-2000:]
+
+
+def run_with_terminal_stderr(args: list[str]) -> str:
+    """stderr of `tfpipe ARGS` when it is a pseudo-terminal, as the user's shell gives it."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the other side closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        proc.wait(timeout=300)
+        os.close(master)
+    assert proc.returncode == 0, b"".join(chunks)[-2000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path):
+    args = ["train", "--set", "data.limit=3000", "--set", "train.epochs=1", "--set", "train.batch_size=64"]
+    terminal = run_with_terminal_stderr([*args, "--set", f"artifacts.root={tmp_path / 'a'}"])
+    assert re.search(r"ingest train .*rows", terminal) and re.search(r"epoch 1/1 .*batches", terminal)
+    assert "━" in terminal and re.search(r"loss \d+\.\d{4}", terminal)  # the bar, with the running loss
+    piped = run_cli(*args, "--set", f"artifacts.root={tmp_path / 'b'}")
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "━" not in piped.stderr and "batches" not in piped.stderr and "\x1b[" not in piped.stderr
+    assert "epoch 1/1: accuracy=" in piped.stderr  # the plain per-epoch line
