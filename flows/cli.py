@@ -129,6 +129,7 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
             input: Annotated[str, typer.Option("--input", "-i", help="Parquet file/dir/glob/URL, .npz with x, or cache:FINGERPRINT[/SPLIT].")] = ...,
             output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write (engine dask: a directory of parts).")] = ...,
             allow_unblessed: Annotated[bool, typer.Option(help="Predict with a model the gate did not bless.")] = False,
+            overwrite: Annotated[bool, typer.Option(help="Replace an existing output (only one tfpipe wrote).")] = False,
             config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
     """Stream batch predictions of a model over an input into a Parquet file."""
     from tasks.storage import check_reachable
@@ -139,7 +140,7 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
         check_reachable(cfg.artifacts.root)  # before TensorFlow loads
         from tasks.predict import predict as run_predict
 
-        return run_predict(cfg, model, input, output, allow_unblessed=allow_unblessed or None)
+        return run_predict(cfg, model, input, output, allow_unblessed=allow_unblessed or None, overwrite=overwrite)
 
     if cfg.predict.engine == "dask":  # one Prefect task per input file on a Dask cluster: through the flow
         from flows.prediction import batch_prediction
@@ -147,7 +148,7 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
         with _server_loss_is_one_line():
             manifest = _guarded(lambda: batch_prediction(
                 model=model, input=input, output=output, allow_unblessed=allow_unblessed or cfg.predict.allow_unblessed,
-                config_file=config, overrides=_overrides_dict(set)), json_out)
+                config_file=config, overrides=_overrides_dict(set), overwrite=overwrite), json_out)
         typer.echo(json.dumps(manifest, indent=2) if json_out else
                    f"{manifest['rows']} predictions by model {manifest['model_fingerprint'][:12]} in "
                    f"{len(manifest['parts'])} parts under {output}")

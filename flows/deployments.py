@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect import serve
@@ -9,6 +10,7 @@ from prefect import serve
 from flows.prediction import batch_prediction
 from flows.training import training_pipeline
 from pipeline_config import PipelineConfig
+from tasks.policy import POLICY_ENV, ServePolicy
 
 TRAINING_DEPLOYMENT = "scheduled-training"
 PREDICTION_DEPLOYMENT = "on-demand"
@@ -30,4 +32,8 @@ def build_deployments(cfg: PipelineConfig, config_file: str | None, overrides: d
 
 
 def serve_deployments(cfg: PipelineConfig, config_file: str | None, overrides: dict[str, Any]) -> None:
+    # The flow runs this process starts inherit its environment, which no API caller can touch: the policy they
+    # check every call's parameters against (tasks/policy.py).
+    policy = ServePolicy.of(cfg, config_file, {**overrides, "artifacts.root": cfg.artifacts.root})
+    os.environ[POLICY_ENV] = policy.to_env()
     serve(*build_deployments(cfg, config_file, overrides), limit=1)

@@ -15,13 +15,14 @@ from tasks import parts
 from tasks import predict as predict_stage
 from tasks.artifacts import PredictionArtifact
 from tasks.errors import PipelineError
+from tasks.policy import served_call
 
 
 @task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def batch_predict_task(config_file: str | None, overrides: dict[str, Any] | None, model: str, input: str,
-                       output: str, allow_unblessed: bool) -> PredictionArtifact:
+                       output: str, allow_unblessed: bool, overwrite: bool) -> PredictionArtifact:
     cfg = load_config(config_file, overrides)
-    return predict_stage.predict(cfg, model, input, output, allow_unblessed=allow_unblessed)
+    return predict_stage.predict(cfg, model, input, output, allow_unblessed=allow_unblessed, overwrite=overwrite)
 
 
 @task(name="predict-file", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -35,12 +36,16 @@ def predict_file_task(config_file: str | None, overrides: dict[str, Any] | None,
 @flow(name="batch-prediction")
 def batch_prediction(model: str = "champion", input: str = "data/mnist/test.parquet", output: str = "predictions.parquet",
                      allow_unblessed: bool = False, config_file: str | None = None,
-                     overrides: dict[str, Any] | None = None) -> PredictionArtifact | dict:
+                     overrides: dict[str, Any] | None = None, overwrite: bool = False) -> PredictionArtifact | dict:
+    """`overwrite` replaces an existing output, only one tfpipe wrote. Served by `tfpipe serve`, every parameter
+    is checked first against its `serve` settings (tasks/policy.py)."""
+    config_file, overrides = served_call(config_file, overrides, model=model, input=input, output=output)
     cfg = load_config(config_file, overrides)
     try:
         if cfg.predict.engine == "dask":
+            parts.check_output_dir(output, overwrite)
             return _on_dask(cfg, config_file, overrides, model, input, output, allow_unblessed)
-        artifact = batch_predict_task(config_file, overrides, model, input, output, allow_unblessed)
+        artifact = batch_predict_task(config_file, overrides, model, input, output, allow_unblessed, overwrite)
         get_run_logger().info("wrote %d predictions to %s", artifact.rows, artifact.output)
         dashboard.markdown("batch-prediction", description="latest on-demand batch prediction", text=(
             f"# Batch prediction\n- model `{artifact.model_fingerprint[:12]}`\n- input `{artifact.input}`\n"

@@ -14,6 +14,7 @@ from pipeline_config import PipelineConfig, load_config
 from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact
 from tasks.cluster import cluster_from_env
 from tasks.devices import configure_devices
+from tasks.policy import served_call
 from tasks.storage import check_reachable
 
 
@@ -30,6 +31,7 @@ def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] 
                       rerun: str | None = None) -> RunSummary:
     """`rerun`: a stage (ingest, train, evaluate, predict, all) rebuilt with the stages after it, even when published."""
     started = time.perf_counter()
+    config_file, overrides = served_call(config_file, overrides)  # under tfpipe serve: what callers may set
     cfg = load_config(config_file, {**(overrides or {}), **({"rerun": rerun} if rerun else {})})
     check_reachable(cfg.artifacts.root)  # a wrong bucket or missing credentials: one line, before any work
     configure_devices(cfg.train)  # before the first TensorFlow op of this process (multi_worker: the strategy)

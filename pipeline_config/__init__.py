@@ -249,6 +249,25 @@ class ScheduleConfig(Section):
     timezone: str = "UTC"
 
 
+def _absolute_places(places: list[str]) -> list[str]:
+    return [p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in places]
+
+
+class ServeConfig(Section):
+    """What a caller of the served deployments (`tfpipe serve`) may do. The artifact root is always allowed for
+    reading and writing; the artifact root, the config file and the `serve` section cannot be changed by a caller.
+    Relative places are taken from the directory `tfpipe serve` starts in."""
+
+    allowed_inputs: list[str] = Field(default_factory=lambda: ["data"], validate_default=True,
+                                      description="directories or URL prefixes a served prediction may read")
+    allowed_outputs: list[str] = Field(default_factory=lambda: ["data"], validate_default=True,
+                                       description="directories or URL prefixes a served prediction may write")
+    allowed_overrides: list[str] = Field(default_factory=lambda: ["train.epochs", "data.limit"],
+                                         description="config keys a caller may set in `overrides`")
+
+    _places = field_validator("allowed_inputs", "allowed_outputs")(_absolute_places)
+
+
 STAGES = ("ingest", "train", "evaluate", "predict")
 
 
@@ -262,6 +281,7 @@ class PipelineConfig(Section):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
     def rebuilds(self, stage: str) -> bool:

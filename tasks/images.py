@@ -21,6 +21,9 @@ from tasks.errors import PipelineError, first_line
 
 PNG_MAGIC = b"\x89PNG"
 JPEG_MAGIC = b"\xff\xd8\xff"
+# Encoded images are checked against their header before any pixel is decoded: the expected shape when one is
+# known, else this many pixels at most (a 60,000 x 60,000 PNG is a few MB on disk and 3.6 GB decoded).
+MAX_ENCODED_PIXELS = 4096 * 4096
 
 
 def parquet_files(path: str | Path) -> list[str]:
@@ -87,21 +90,56 @@ def iter_parquet_batches(files: list[str], columns: list[str], batch_size: int) 
             raise PipelineError(f"{path} could not be read ({first_line(exc)}): check the file") from None
 
 
-def _decode_encoded(blobs: list[bytes | None], where: str) -> np.ndarray:
+def declared_size(blob: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG or JPEG header, without decoding; None when the header cannot be read."""
+    if blob[:4] == PNG_MAGIC:
+        if len(blob) < 24 or blob[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(blob[20:24], "big"), int.from_bytes(blob[16:20], "big")
+    pos = 2  # JPEG: walk the segments to the frame header (SOF0..SOF15 but DHT, JPG, DAC)
+    while pos + 9 <= len(blob):
+        if blob[pos] != 0xFF:
+            return None
+        marker = blob[pos + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(blob[pos + 5:pos + 7], "big"), int.from_bytes(blob[pos + 7:pos + 9], "big")
+        pos += 2 + int.from_bytes(blob[pos + 2:pos + 4], "big")
+    return None
+
+
+def _decode_one(blob: bytes | None, expected: list[int] | None, row: str) -> np.ndarray:
+    """One PNG/JPEG, its declared size checked before its pixels are decoded."""
     from PIL import Image
 
+    if blob is None:
+        raise PipelineError(f"{row} has no image: drop empty rows before ingesting")
+    size = declared_size(blob)
+    if size is None:
+        raise PipelineError(f"{row} is not a decodable PNG/JPEG image (no readable header): check the image bytes")
+    if expected is not None and list(size) != expected[:2]:
+        raise PipelineError(f"{row} declares {size[0]}x{size[1]} pixels, expected {expected[0]}x{expected[1]}: "
+                            "it was not decoded; resize the images to one shape (or fix data.image_shape)")
+    if size[0] * size[1] > MAX_ENCODED_PIXELS:
+        raise PipelineError(f"{row} declares {size[0]}x{size[1]} pixels, over the limit of {MAX_ENCODED_PIXELS} (a "
+                            "decompression bomb?): it was not decoded")
+    try:
+        img = np.asarray(Image.open(io.BytesIO(blob), formats=("PNG", "JPEG")))
+    except Exception as exc:
+        raise PipelineError(f"{row} is not a decodable PNG/JPEG image ({first_line(exc)}): check the image bytes") from None
+    img = img[..., None] if img.ndim == 2 else img
+    if expected is not None and len(expected) == 3 and list(img.shape) != expected:
+        raise PipelineError(f"{row} decodes to {list(img.shape)}, expected {expected}: store every image with "
+                            "the same channels")
+    return img
+
+
+def _decode_encoded(blobs: list[bytes | None], shape: list[int] | None, where: str) -> np.ndarray:
+    """Every image must have `shape` (or the first image's shape when none is set)."""
     images = []
     for i, blob in enumerate(blobs):
-        if blob is None:
-            raise PipelineError(f"{where}: row {i} has no image: drop empty rows before ingesting")
-        try:
-            img = np.asarray(Image.open(io.BytesIO(blob)))
-        except Exception:
-            raise PipelineError(f"{where}: row {i} is not a decodable PNG/JPEG image: check the image bytes") from None
-        images.append(img[..., None] if img.ndim == 2 else img)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise PipelineError(f"{where}: encoded images have different shapes {sorted(shapes)[:3]}: resize them to one shape")
+        img = _decode_one(blob, shape, f"{where}: row {i}")
+        shape = shape or list(img.shape)
+        images.append(img)
     return np.stack(images).astype(np.uint8)
 
 
@@ -140,10 +178,7 @@ def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, w
             return np.zeros((0, *(shape or [0, 0, 1])), np.uint8)
         first = column[0].as_py()
         if first[:4] == PNG_MAGIC or first[:3] == JPEG_MAGIC:
-            images = _decode_encoded(column.to_pylist(), where)
-            if shape is not None and list(images.shape[1:]) != shape:
-                raise PipelineError(f"{where}: decoded images are {list(images.shape[1:])}, expected {shape}: fix data.image_shape")
-            return images
+            return _decode_encoded(column.to_pylist(), shape, where)
         offset_type = np.int64 if pa.types.is_large_binary(kind) else np.int32
         offsets = np.frombuffer(column.buffers()[1], offset_type)[column.offset: column.offset + n + 1]
         lengths = np.diff(offsets)

@@ -139,6 +139,22 @@ def _existing_part(part: str) -> dict:
         return {}
 
 
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """No silent overwrite: a finished output (with `_manifest.json`) is redone only with `overwrite`; a directory
+    holding files tfpipe did not write is refused. An unfinished one of ours is resumed."""
+    from tasks.predict import written_by_tfpipe
+
+    present = storage.files_under(output_dir)
+    foreign = [n for n in present if n != MANIFEST and not (n.startswith("part-") and written_by_tfpipe(join(output_dir, n)))]
+    if foreign:
+        raise PipelineError(f"--output {output_dir} holds files tfpipe did not write ({', '.join(sorted(foreign)[:3])}): "
+                            "they are left as they are; choose an empty or new output directory")
+    if MANIFEST in present:
+        if not overwrite:
+            raise PipelineError(f"--output {output_dir} already holds a finished prediction: pass --overwrite to redo it")
+        storage.remove(join(output_dir, MANIFEST))
+
+
 def write_manifest(output_dir: str, model_fingerprint: str, parts: list[dict], failures: list[dict],
                    allow_partial: bool) -> dict | None:
     """`_manifest.json`, last, when every part exists (or, with allow_partial, listing the failures)."""

@@ -154,9 +154,11 @@ def load_predictor(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -
 
 
 def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
-            allow_unblessed: bool | None = None) -> PredictionArtifact:
-    """Predict every image of `input_path` with the model `model_ref` and write Parquet to `output`."""
+            allow_unblessed: bool | None = None, overwrite: bool = False) -> PredictionArtifact:
+    """Predict every image of `input_path` with the model `model_ref` and write Parquet to `output` (an existing
+    `output` only with `overwrite`, and only when tfpipe wrote it)."""
     started = time.perf_counter()
+    check_output_free(output, overwrite)
     allow = cfg.predict.allow_unblessed if allow_unblessed is None else allow_unblessed
     predictor = load_predictor(cfg, model_ref, allow)
     rows, digest = predict_into(cfg, predictor, input_path, output)
@@ -164,6 +166,32 @@ def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
     log.info("predicted %d rows with model %s into %s in %.1fs", rows, predictor.fingerprint[:12], output, seconds)
     return PredictionArtifact(output=output, rows=rows, sha256=digest, model_fingerprint=predictor.fingerprint,
                               input=input_path, seconds=seconds)
+
+
+WRITTEN_BY = {"written_by": "tfpipe"}  # in every prediction file's Parquet schema metadata
+
+
+def written_by_tfpipe(path: str) -> bool:
+    """Whether the file at `path` is a Parquet file whose schema metadata says tfpipe wrote it."""
+    try:
+        with storage.open_file(path) as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    except (OSError, ValueError, pa.ArrowException):
+        return False
+    return meta.get(b"written_by") == b"tfpipe"
+
+
+def check_output_free(output: str, overwrite: bool) -> None:
+    """No silent overwrite: an existing output is replaced only with --overwrite, and only a file tfpipe wrote."""
+    fs, path = storage.filesystem(output)
+    if not fs.exists(path) or fs.isdir(path):
+        return  # a directory is refused with its own message when the file is written
+    if not overwrite:
+        raise PipelineError(f"--output {output} already exists: pass --overwrite to replace it (only a file tfpipe "
+                            "wrote is replaced)")
+    if not written_by_tfpipe(output):
+        raise PipelineError(f"--output {output} exists and was not written by tfpipe (its Parquet schema metadata does "
+                            "not say so): it is left as it is; choose another output path")
 
 
 def predict_into(cfg: PipelineConfig, predictor: Predictor, input_path: str, output: str,
@@ -174,7 +202,7 @@ def predict_into(cfg: PipelineConfig, predictor: Predictor, input_path: str, out
     fs, path = storage.filesystem(output)
     if fs.isdir(path):
         raise PipelineError(f"--output {output} is a directory: name a .parquet file")
-    metadata = {"model_fingerprint": predictor.fingerprint, "model_uri": predictor.uri,
+    metadata = {**WRITTEN_BY, "model_fingerprint": predictor.fingerprint, "model_uri": predictor.uri,
                 "label_names": json.dumps(predictor.manifest.get("label_names")), "input": input_path,
                 **(extra_metadata or {})}
     chunks = read_chunks(cfg, input_path, predictor.image_shape)

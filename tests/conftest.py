@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="tfpipe-prefect-home-")
@@ -128,3 +129,33 @@ def invoke_cli(*args: str):
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
+
+
+def start_server(home, port: int, env: dict | None = None) -> subprocess.Popen:
+    """A Prefect server of its own (SQLite under `home` unless `env` names another database), up and healthy."""
+    import httpx
+
+    full_env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
+    full_env.pop("PREFECT_API_URL", None)
+    Path(home).mkdir(parents=True, exist_ok=True)
+    log_path = Path(home) / f"server-{port}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                                 str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code in (200, 401):
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("the Prefect server did not start")
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

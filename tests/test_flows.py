@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
                                             LogFilter, LogFilterFlowRunId)
 
 from flows.training import training_pipeline
-from tests.conftest import MNIST, REPO, finish
+from tests.conftest import kill_server, start_server, MNIST, REPO, finish
 
 TINY = {"data.limit": 300, "train.epochs": 1, "train.batch_size": 50, "evaluate.min_accuracy": 0.05}
 
@@ -226,29 +226,6 @@ def test_tfpipe_run_as_two_multi_worker_workers(prefect_server, tmp_path):
     models = [p.name for p in (root / "train").iterdir() if not p.name.startswith(".")]
     assert len(models) == 1 and models[0] in worker_out and models[0] in chief_out
     assert json.load(open(root / "train" / models[0] / "manifest.json"))["replicas"] == 2
-
-
-def start_server(home, port: int) -> subprocess.Popen:
-    """A Prefect server of its own (the session's cannot be killed), SQLite under `home`."""
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("the Prefect server did not start")
-
-
-def kill_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def run_while_the_server_dies(tmp_path, restart: bool, env: dict) -> tuple[subprocess.CompletedProcess, float, str]:

@@ -74,10 +74,14 @@ def test_twenty_files_on_two_workers_equal_the_local_engine(prefect_server, bles
     assert sorted(r.name.rsplit("-", 1)[0] for r in per_file) == ["predict-file"] * 20  # one task run per file
     assert all(r.state.is_completed() for r in per_file)
 
-    # a re-run after two parts were lost scores only those two
+    # a finished output is not redone without overwrite; with it, after two parts were lost, only those two are scored
+    refused = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg),
+                               return_state=True)
+    assert refused.is_failed() and "already holds a finished prediction: pass --overwrite" in refused.message
     (out / "part-batch-05.parquet").unlink()
     (out / "part-batch-17.parquet").unlink()
-    again = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg))
+    again = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg),
+                             overwrite=True)
     assert sorted(p["part"] for p in again["parts"] if not p["skipped"]) == ["part-batch-05.parquet", "part-batch-17.parquet"]
     assert again["rows"] == 1000
 

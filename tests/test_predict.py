@@ -197,3 +197,30 @@ def test_predict_removes_temporary_files_of_killed_runs_only(champion, tmp_path)
     pq.write_table(pq.read_table(MNIST / "test.parquet").slice(0, 10), src)
     assert predict(cfg, "champion", str(src), str(out)).rows == 10
     assert not dead.exists() and alive.exists()
+
+
+def test_no_silent_overwrite(champion, tmp_path):
+    """An existing output: refused; replaced with --overwrite when tfpipe wrote it; a foreign file never."""
+    cfg, _, _, _ = champion
+    args = ["predict", "--input", str(MNIST / "test.parquet"), "--set", f"artifacts.root={cfg.artifacts.root}",
+            "--set", "predict.batch_size=2048"]
+    out = tmp_path / "preds.parquet"
+    assert invoke_cli(*args, "--output", str(out))[0] == 0
+    written = out.stat().st_mtime_ns
+    code, _, err = invoke_cli(*args, "--output", str(out))
+    assert code == 1 and err == f"tfpipe: error: --output {out} already exists: pass --overwrite to replace it (only a file tfpipe wrote is replaced)\n"
+    assert out.stat().st_mtime_ns == written
+    code, _, err = invoke_cli(*args, "--output", str(out), "--overwrite")
+    assert code == 0, err
+    assert out.stat().st_mtime_ns != written and pq.read_table(out).num_rows == 10000
+    assert pq.read_schema(out).metadata[b"written_by"] == b"tfpipe"
+
+    for foreign in (tmp_path / "notes.txt", tmp_path / "theirs.parquet"):
+        if foreign.suffix == ".txt":
+            foreign.write_text("a text file the user cares about\n")
+        else:
+            pq.write_table(pa.table({"x": [1, 2]}), foreign)
+        before = foreign.read_bytes()
+        code, _, err = invoke_cli(*args, "--output", str(foreign), "--overwrite")
+        assert code == 1 and f"--output {foreign} exists and was not written by tfpipe" in err
+        assert foreign.read_bytes() == before

@@ -1,0 +1,64 @@
+"""The served-call policy: normalised paths, fixed keys, allowed overrides (no Prefect needed)."""
+
+import os
+
+import pytest
+
+from tasks.errors import PipelineError
+from tasks.policy import POLICY_ENV, ServePolicy, served_call
+from tests.conftest import make_config
+
+
+@pytest.fixture
+def policy(tmp_path, monkeypatch):
+    root, data = tmp_path / "artifacts", tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", data / "link")
+    cfg = make_config(root, f"serve.allowed_inputs=[{data}, s3://inbox/uploads]",
+                      f"serve.allowed_outputs=[{data}]")
+    served = ServePolicy.of(cfg, None, {"artifacts.root": str(root), "train.batch_size": 64})
+    monkeypatch.setenv(POLICY_ENV, served.to_env())
+    return tmp_path
+
+
+def test_paths_must_lie_under_the_allowed_places(policy):
+    data, root = policy / "data", policy / "artifacts"
+    served_call(None, None, model="champion", input=str(data / "x.parquet"), output=str(root / "p.parquet"))
+    served_call(None, None, input="s3://inbox/uploads/a/b.parquet", output=str(data / "sub" / "p.parquet"))
+    served_call(None, None, input="cache:abc123/test", output=str(data / "p.parquet"))
+    refused = {
+        "input": [str(data / ".." / "outside" / "x.parquet"), str(data / "link" / "x.parquet"), "/etc/hostname",
+                  "s3://inbox/uploads/../secrets/x.parquet", "s3://inbox/uploads-other/x.parquet", "s3://other/x"],
+        "output": ["/tmp/elsewhere.parquet", str(data / ".." / "p.parquet"), str(data / "link" / "p.parquet")],
+        "model": ["/tmp/some/model.keras", str(data / "model")],
+    }
+    for name, values in refused.items():
+        for value in values:
+            with pytest.raises(PipelineError) as caught:
+                served_call(None, None, **{"input": str(data / "x.parquet"), "output": str(data / "p.parquet"),
+                                           "model": "champion", name: value})
+            message = str(caught.value)
+            assert message.startswith(f"served run refused: parameter {name}={value!r} is outside the allowed places (")
+            assert "\n" not in message
+
+
+def test_overrides_and_config_file(policy):
+    root = str(policy / "artifacts")
+    config_file, overrides = served_call(None, {"train.epochs": 2, "artifacts.root": root})
+    assert config_file is None
+    assert overrides == {"artifacts.root": root, "train.batch_size": 64, "train.epochs": 2}
+    for bad, word in [({"artifacts.root": "/tmp/x"}, "artifacts.root, which a caller cannot change"),
+                      ({"serve.allowed_inputs": ["/"]}, "serve.allowed_inputs, which a caller cannot change"),
+                      ({"data.source": "npz:/etc/passwd"}, "data.source; callers may set only train.epochs, data.limit"),
+                      ({"train": {"epochs": 1}}, "sets train; callers may set only")]:
+        with pytest.raises(PipelineError, match=word):
+            served_call(None, bad)
+    with pytest.raises(PipelineError, match="parameter config_file cannot be set by a caller"):
+        served_call(str(policy / "my.yaml"), None)
+
+
+def test_no_policy_outside_serve(monkeypatch):
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    assert served_call("/any.yaml", {"artifacts.root": "/x"}, input="/etc/hostname", output="/tmp/x") == (
+        "/any.yaml", {"artifacts.root": "/x"})

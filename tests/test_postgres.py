@@ -1,0 +1,101 @@
+"""A Prefect server on a real PostgreSQL (what a team shares between workers), started in a temp directory."""
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.cluster import free_port
+from tests.conftest import MNIST, REPO, kill_server, start_server
+
+
+def pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[-1:]), None)
+    assert found, f"{name} not found: install PostgreSQL (apt-get install -y postgresql; .ci/run does)"
+    return found
+
+
+def as_postgres_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as the `postgres` account Debian's package creates."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL cluster on a loopback port with a `prefect` database and pg_trgm; yields its asyncpg URL."""
+    directory = tempfile.mkdtemp(prefix="tfpipe-pg-")
+    if os.geteuid() == 0:
+        account = pwd.getpwnam("postgres")
+        os.chown(directory, account.pw_uid, account.pw_gid)
+    data, port = os.path.join(directory, "data"), free_port()
+
+    def run(cmd: list[str]) -> None:
+        done = subprocess.run(as_postgres_user(cmd), capture_output=True, text=True, timeout=120, cwd=directory)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    run([pg_bin("initdb"), "-D", data, "-A", "trust", "-U", "tfpipe", "--no-sync"])
+    run([pg_bin("pg_ctl"), "-D", data, "-w", "-l", os.path.join(directory, "postgres.log"), "-o",
+         f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start"])
+    try:
+        psql = [pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "tfpipe", "-v", "ON_ERROR_STOP=1"]
+        run([*psql, "-d", "postgres", "-c", "CREATE DATABASE prefect"])
+        run([*psql, "-d", "prefect", "-c", "CREATE EXTENSION pg_trgm"])
+        yield f"postgresql+asyncpg://tfpipe@127.0.0.1:{port}/prefect", psql
+    finally:
+        subprocess.run(as_postgres_user([pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "stop"]), capture_output=True,
+                       timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_training_flow_and_an_on_demand_deployment_on_a_postgres_backed_server(postgres, tmp_path):
+    url, psql = postgres
+    database = {"PREFECT_SERVER_DATABASE_CONNECTION_URL": url}
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, **database, "PREFECT_HOME": str(home)}
+    upgrade = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert upgrade.returncode == 0, upgrade.stdout[-2000:] + upgrade.stderr[-2000:]
+    port = free_port()
+    server = start_server(home, port, database)
+    serve = None
+    try:
+        client_env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(home)}
+        root = tmp_path / "artifacts"
+        sets = ["--set", f"artifacts.root={root}", "--set", "data.limit=300", "--set", "train.epochs=1",
+                "--set", "train.batch_size=50", "--set", "evaluate.min_accuracy=0.05"]
+        trained = subprocess.run([sys.executable, "-m", "flows.cli", "run", *sets], cwd=REPO, env=client_env,
+                                 capture_output=True, text=True, timeout=400)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert "gate: BLESSED" in trained.stdout
+
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--set", f"artifacts.root={root}"],
+                                 cwd=REPO, env=client_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+        output = tmp_path / "served.parquet"
+        deadline, run = time.time() + 120, None
+        while run is None or (run.returncode != 0 and "not found" in run.stderr + run.stdout and time.time() < deadline):
+            time.sleep(1)
+            run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "batch-prediction/on-demand",
+                                  "-p", "model=champion", "-p", f"input={MNIST / 'test.parquet'}", "-p",
+                                  f"output={output}", "--watch", "--watch-timeout", "240"], env=client_env,
+                                 capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        assert pq.read_table(output).num_rows == 10000
+
+        # the runs live in PostgreSQL
+        query = subprocess.run(as_postgres_user([*psql, "-d", "prefect", "-tA", "-c",
+                                                 "SELECT f.name, r.state_name FROM flow_run r JOIN flow f ON f.id = r.flow_id"]),
+                               capture_output=True, text=True, timeout=60)
+        rows = set(query.stdout.split())
+        assert {"training-pipeline|Completed", "batch-prediction|Completed"} <= rows, query.stdout + query.stderr
+    finally:
+        if serve is not None:
+            kill_server(serve)
+        kill_server(server)
