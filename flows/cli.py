@@ -145,7 +145,7 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
     if cfg.predict.engine == "dask":  # one Prefect task per input file on a Dask cluster: through the flow
         from flows.prediction import batch_prediction
 
-        with _server_loss_is_one_line():
+        with _prefect_errors_are_one_line():
             manifest = _guarded(lambda: batch_prediction(
                 model=model, input=input, output=output, allow_unblessed=allow_unblessed or cfg.predict.allow_unblessed,
                 config_file=config, overrides=_overrides_dict(set), overwrite=overwrite), json_out)
@@ -163,7 +163,7 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False,
     _setup(config, set, rerun)  # a bad config fails here, before Prefect starts
     from flows.training import training_pipeline
 
-    with _server_loss_is_one_line():
+    with _prefect_errors_are_one_line():
         summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set), rerun=rerun),
                            json_out)
     if json_out:
@@ -250,14 +250,23 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what w
 
 
 @contextlib.contextmanager
-def _server_loss_is_one_line():
-    """A Prefect server that went away for good (after the client's retries): one line, exit 1, at once."""
+def _prefect_errors_are_one_line():
+    """A Prefect server that refuses this client (auth), or went away for good (after the client's retries): one
+    line, exit 1, at once."""
     import httpx
 
     from tasks.errors import first_line
 
     try:
         yield
+    except httpx.HTTPStatusError as exc:  # prefect.exceptions.PrefectHTTPStatusError is one
+        if exc.response.status_code not in (401, 403):
+            raise
+        from prefect.settings import PREFECT_API_URL
+
+        _fail(f"error: the Prefect server at {PREFECT_API_URL.value()} refused this client "
+              f"({exc.response.status_code} {exc.response.reason_phrase}): set PREFECT_API_AUTH_STRING to the "
+              "user:password its PREFECT_SERVER_API_AUTH_STRING names", 1)
     except httpx.TransportError as exc:
         from prefect.settings import PREFECT_API_URL
 
@@ -282,7 +291,8 @@ def serve(config: ConfigOpt = None, set: SetOpt = None) -> None:
     cfg = _setup(config, set)
     from flows.deployments import serve_deployments
 
-    serve_deployments(cfg, config, _overrides_dict(set))
+    with _prefect_errors_are_one_line():
+        serve_deployments(cfg, config, _overrides_dict(set))
 
 
 @app.callback()

@@ -102,17 +102,17 @@ def test_failing_stage_fails_the_flow_with_its_message(prefect_server, tmp_path)
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_serve_runs_on_demand_prediction_and_schedules_training(prefect_server, trained, tmp_path):
+def test_serve_schedules_training_runs_on_demand_prediction_and_refuses_what_serve_does_not_allow(prefect_server, tmp_path):
     from prefect.deployments import run_deployment
 
-    from tasks.evaluate import evaluate
-
-    cfg, dataset, model = trained
-    assert evaluate(cfg, dataset, model).blessed  # a champion to predict with
+    root, allowed = tmp_path / "served-root", tmp_path / "allowed"
+    allowed.mkdir()
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--set", f"artifacts.root={cfg.artifacts.root}",
-                              "--set", "schedule.cron=15 3 * * *"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--set", f"artifacts.root={root}",
+                              "--set", "schedule.cron=15 3 * * *", "--set", "train.batch_size=50",
+                              "--set", "evaluate.min_accuracy=0.05", "--set", f"serve.allowed_outputs=[{allowed}]"],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
     try:
         deadline = time.time() + 120
         deployments = []
@@ -122,34 +122,47 @@ def test_serve_runs_on_demand_prediction_and_schedules_training(prefect_server, 
             time.sleep(1)
         by_name = {d.name: d for d in deployments}
         assert {"scheduled-training", "on-demand"} <= set(by_name)
-        training = by_name["scheduled-training"]
-        assert [s.schedule.cron for s in training.schedules] == ["15 3 * * *"]
+        assert [s.schedule.cron for s in by_name["scheduled-training"].schedules] == ["15 3 * * *"]
 
-        output = tmp_path / "served.parquet"
+        # the scheduled training deployment, run now with the overrides a caller may set
+        run = run_deployment("training-pipeline/scheduled-training", timeout=300, parameters={
+            "overrides": {"data.limit": 300, "train.epochs": 1}})
+        assert run.state.is_completed(), run.state
+        models = [p for p in (root / "train").iterdir() if not p.name.startswith(".")]
+        assert len(models) == 1 and (models[0] / "model.keras").is_file()
+        assert set(task_states(run.id).values()) == {"Completed"}
+
+        output = allowed / "served.parquet"
         run = run_deployment("batch-prediction/on-demand", timeout=240, parameters={
-            "model": "champion", "input": str(MNIST / "test.parquet"), "output": str(output),
-            "overrides": {"artifacts.root": cfg.artifacts.root}})
+            "model": "champion", "input": str(MNIST / "test.parquet"), "output": str(output)})
         assert run.state.is_completed(), (run.state, serve.stdout.read1(100000) if serve.poll() else "")
         table = pq.read_table(output)
-        assert table.num_rows == 10000 and table.schema.metadata[b"model_fingerprint"].decode() == model.fingerprint
+        assert table.num_rows == 10000 and table.schema.metadata[b"model_fingerprint"].decode() == models[0].name
 
-        # the same deployment from Prefect's own CLI, with the serve process's default overrides
-        second = tmp_path / "from-cli.parquet"
+        # the same deployment from Prefect's own CLI
+        second = allowed / "from-cli.parquet"
         cli = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "batch-prediction/on-demand",
                               "-p", "model=champion", "-p", f"input={MNIST / 'test.parquet'}", "-p", f"output={second}",
                               "--watch", "--watch-timeout", "240"], env=env, capture_output=True, text=True, timeout=300)
         assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
         assert pq.read_table(second).num_rows == 10000
 
-        # the scheduled training deployment, run now with the caller's overrides
-        trained_root = tmp_path / "scheduled"
-        run = run_deployment("training-pipeline/scheduled-training", timeout=300, parameters={
-            "overrides": {**TINY, "artifacts.root": str(trained_root)}})
-        assert run.state.is_completed(), run.state
-        assert run.parameters["overrides"]["data.limit"] == 300
-        models = [p for p in (trained_root / "train").iterdir() if not p.name.startswith(".")]
-        assert len(models) == 1 and (models[0] / "model.keras").is_file()
-        assert set(task_states(run.id).values()) == {"Completed"}
+        # what serve does not allow fails at once, in one line naming the parameter, and writes nothing
+        elsewhere, other_root = tmp_path / "elsewhere.parquet", tmp_path / "other-root"
+        refusals = [
+            ({"output": str(elsewhere)}, f"parameter output={str(elsewhere)!r} is outside the allowed places"),
+            ({"input": "/etc/hostname"}, "parameter input='/etc/hostname' is outside the allowed places"),
+            ({"output": f"{allowed}/../escaped.parquet"}, "parameter output="),
+            ({"overrides": {"artifacts.root": str(other_root)}}, "parameter overrides sets artifacts.root, which a caller cannot change"),
+        ]  # config_file and the other override rules: tests/test_policy.py
+        for extra, expected in refusals:
+            parameters = {"model": "champion", "input": str(MNIST / "test.parquet"),
+                          "output": str(allowed / "refused.parquet"), **extra}
+            run = run_deployment("batch-prediction/on-demand", timeout=240, parameters=parameters)
+            assert run.state.is_failed(), (extra, run.state)
+            assert f"served run refused: {expected}" in run.state.message and "\n" not in run.state.message
+        assert not elsewhere.exists() and not (tmp_path / "escaped.parquet").exists() and not other_root.exists()
+        assert not (allowed / "refused.parquet").exists()
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         try:
