@@ -1,10 +1,11 @@
-"""Write the README's Performance table from a bench results file, so the two cannot drift.
+"""Write the README's Performance tables from bench results files, so the two cannot drift.
 
-    python -m bench.readme                     # the newest full run in bench/results/
+    python -m bench.readme                     # the newest full runs in bench/results/
     python -m bench.readme bench/results/X.json
 
-Replaces what stands between the `<!-- bench:begin -->` and `<!-- bench:end -->` lines of README.md.
-`python -m bench` (a full run) calls it at the end.
+Replaces what stands between the `<!-- bench:begin -->` and `<!-- bench:end -->` lines of README.md (from
+`python -m bench`), and between `<!-- bench-accuracy:begin -->` and `<!-- bench-accuracy:end -->` (from
+`python -m bench.accuracy`, files ending in `-accuracy.json`). Both benches call it at the end of a full run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+MARKERS = {False: ("<!-- bench:begin -->", "<!-- bench:end -->"),
+           True: ("<!-- bench-accuracy:begin -->", "<!-- bench-accuracy:end -->")}
 
 
 def number(value) -> str:
@@ -63,15 +65,17 @@ def render(results_path: Path) -> str:
     return "\n".join(lines)
 
 
-def newest_full_run() -> Path:
-    runs = sorted(p for p in (REPO / "bench" / "results").glob("*.json")
-                  if not p.stem.endswith(("-quick", "-dask")))  # the full runs of python -m bench
+def newest_full_run(accuracy: bool = False) -> Path:
+    """The newest full run of python -m bench (or, with `accuracy`, of python -m bench.accuracy)."""
+    results = (REPO / "bench" / "results").glob("*.json")
+    runs = sorted(p for p in results if p.stem.endswith("-accuracy") == accuracy and not p.stem.endswith(("-quick", "-dask")))
     if not runs:
-        raise SystemExit("no full bench run in bench/results/: run python -m bench first")
+        raise SystemExit(f"no full bench run in bench/results/: run python -m bench{'.accuracy' if accuracy else ''} first")
     return runs[-1]
 
 
-def update_readme(results_path: Path) -> None:
+def update_readme(results_path: Path, accuracy: bool = False) -> None:
+    BEGIN, END = MARKERS[accuracy]
     text = README.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"README.md has no {BEGIN} ... {END} section to write")
@@ -81,4 +85,9 @@ def update_readme(results_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    update_readme(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else newest_full_run())
+    if len(sys.argv) > 1:
+        path = Path(sys.argv[1]).resolve()
+        update_readme(path, accuracy=path.stem.endswith("-accuracy"))
+    else:
+        update_readme(newest_full_run())
+        update_readme(newest_full_run(accuracy=True), accuracy=True)

@@ -200,7 +200,8 @@ def main() -> None:
     # 4. the whole flow, cold and re-run, against the bare script doing the same epochs
     home = str(work / "prefect-home")
     flow_root = str(work / "flow-artifacts")
-    env = {"PREFECT_HOME": home, "PREFECT_API_URL": ""}
+    os.environ.pop("PREFECT_API_URL", None)  # Prefect's temporary server (an empty value confuses its events client)
+    env = {"PREFECT_HOME": home}
     run_cmd = [sys.executable, "-m", "flows.cli", "run", "--json", "--set", f"artifacts.root={flow_root}", *flow_sets]
     prefect_start, _ = timed([sys.executable, "-c", "import flows; from prefect import flow\n"
                               "@flow\ndef nothing(): pass\nnothing()"], env)

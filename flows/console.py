@@ -56,10 +56,26 @@ class _NoPrefectChatter(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed flow or task run with the exception's traceback; for the errors a user fixes (bad
+    config, bad input, a stop request) the message already holds the one line that matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pipeline_config import ConfigError
+        from tasks.errors import PipelineError
+
+        if record.exc_info and isinstance(record.exc_info[1], (PipelineError, ConfigError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def quiet_python_logs() -> None:
-    """TensorFlow's Python warnings (retracing notes) and Prefect's server chatter, hidden unless verbose."""
+    """TensorFlow's Python warnings (retracing notes), Prefect's server chatter and the tracebacks of user errors,
+    hidden unless verbose."""
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("prefect").addFilter(_NoPrefectChatter())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
 
 
 def configure(argv: list[str]) -> bool:

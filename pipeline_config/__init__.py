@@ -59,9 +59,9 @@ class AugmentConfig(Section):
     model), with the meaning of keras.layers.RandomTranslation, RandomRotation, RandomZoom, RandomContrast and
     RandomFlip. 0 turns one off."""
 
-    translation: float = Field(0.0, ge=0, lt=1, description="shift by up to this fraction of the height and width")
-    rotation: float = Field(0.0, ge=0, le=0.5, description="rotate by up to this fraction of a full turn")
-    zoom: float = Field(0.0, ge=0, lt=1, description="scale by 1 +- this (above 1 zooms out)")
+    translation: float = Field(0.08, ge=0, lt=1, description="shift by up to this fraction of the height and width")
+    rotation: float = Field(0.03, ge=0, le=0.5, description="rotate by up to this fraction of a full turn")
+    zoom: float = Field(0.08, ge=0, lt=1, description="scale by 1 +- this (above 1 zooms out)")
     contrast: float = Field(0.0, ge=0, le=1, description="scale the contrast by 1 +- this")
     flip: bool = Field(False, description="mirror left-right at random (digits must not flip)")
     fill_mode: Literal["constant", "reflect", "nearest", "wrap"] = Field(
@@ -119,7 +119,7 @@ class ModelConfig(Section):
 
 class OptimizerConfig(Section):
     name: Literal["sgd", "rmsprop", "adam"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0, description="the peak rate, reached after lr_schedule.warmup_epochs")
     momentum: float = Field(0.9, ge=0, description="sgd only")
     clipnorm: float | None = Field(None, gt=0, description="clip each gradient to this norm")
     weight_decay: float | None = Field(None, gt=0, description="decoupled weight decay (adam becomes AdamW)")
@@ -128,8 +128,17 @@ class OptimizerConfig(Section):
 class LrScheduleConfig(Section):
     """The learning rate over training: the same Keras schedule object drives fit and the custom loop."""
 
-    name: Literal["constant", "cosine", "step", "plateau"] = "constant"
-    warmup_epochs: float = Field(0.0, ge=0, description="cosine: linear warm-up from 0 to learning_rate")
+    name: Literal["constant", "cosine", "step", "plateau"] = "cosine"
+    warmup_epochs: float | Literal["auto"] = Field(
+        "auto", description="cosine: linear warm-up from 0 to learning_rate; auto: 1 epoch, or a tenth of "
+        "train.epochs when that is shorter (quick runs); 0 for the other schedules")
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _non_negative(cls, value: float | str) -> float | str:
+        if value != "auto" and value < 0:
+            raise ValueError("warmup_epochs must be >= 0 (or auto)")
+        return value
     min_lr: float = Field(0.0, ge=0, description="cosine: the rate it decays to; plateau: the lowest rate")
     boundaries: list[int] = Field(default_factory=list, description="step: epochs after which the rate drops")
     factor: float = Field(0.1, gt=0, lt=1, description="step, plateau: the rate is multiplied by this at each drop")
@@ -189,6 +198,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _compatible(self) -> "TrainConfig":
+        if self.lr_schedule.warmup_epochs == "auto":  # resolved here, so fingerprints and artifacts name the number
+            cosine = self.lr_schedule.name == "cosine"
+            self.lr_schedule.warmup_epochs = min(1.0, self.epochs / 10) if cosine else 0.0
         if self.multi_worker and self.mode == "fit":
             raise ValueError("train.mode=fit cannot run under multi_worker: Keras 3 model.fit fails under "
                              "MultiWorkerMirroredStrategy (keras-team/keras#20585); use train.mode=custom (or auto)")

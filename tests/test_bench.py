@@ -1,7 +1,11 @@
-"""The README's Performance table is the newest full bench run, as bench/readme.py renders it."""
+"""The README's Performance tables are the newest full bench runs, as bench/readme.py renders them."""
 
-from bench.readme import README, newest_full_run, render
+import pytest
+
+from bench.readme import MARKERS, README, newest_full_run, render
 
 
-def test_readme_performance_table_is_the_newest_results_file():
-    assert f"<!-- bench:begin -->\n{render(newest_full_run())}\n<!-- bench:end -->" in README.read_text()
+@pytest.mark.parametrize("accuracy", [False, True])
+def test_readme_performance_tables_are_the_newest_results_files(accuracy):
+    begin, end = MARKERS[accuracy]
+    assert f"{begin}\n{render(newest_full_run(accuracy))}\n{end}" in README.read_text()

@@ -25,9 +25,13 @@ def weight_digests(stderr: str) -> dict[int, str]:
 
 
 def test_two_local_workers_train_identical_weights(tmp_path):
+    """With the training options on (a plateau schedule, augmentation, balanced class weights), as teams run it."""
     root = tmp_path / "artifacts"
+    options = ["train.lr_schedule.name=plateau", "train.lr_schedule.patience=1", "data.augment.translation=0.1",
+               "data.augment.rotation=0.05", "train.class_weight=balanced"]
     result = run_cli("train", "--set", f"artifacts.root={root}", "--set", "data.limit=400", "--set", "train.epochs=2",
-                     "--set", "train.batch_size=32", "--set", "train.local_workers=2", "--json", timeout=400)
+                     "--set", "train.batch_size=32", "--set", "train.local_workers=2",
+                     *[a for o in options for a in ("--set", o)], "--json", timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     artifact = json.loads(result.stdout)
     assert artifact["replicas"] == 2 and artifact["mode"] == "custom" and artifact["epochs"] == 2

@@ -100,3 +100,12 @@ def test_config_with_no_file_builds_the_seed_model():
 ])
 def test_auto_mode_resolves_to_the_style_that_runs(overrides, mode):
     assert load_config(overrides=overrides).train.mode == mode
+
+
+def test_presets_load_and_say_what_they_reach_how_long_and_how_to_run():
+    presets = sorted((DEFAULT_CONFIG_PATH.parent / "presets").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        load_config(preset)
+        head = preset.read_text().split("\n\n")[0]
+        assert "Reaches:" in head and "Takes:" in head and f"tfpipe run --config pipeline_config/presets/{preset.name}" in head

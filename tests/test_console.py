@@ -56,7 +56,21 @@ def test_progress_bars_on_a_terminal_only(tmp_path):
     terminal = run_with_terminal_stderr([*args, "--set", f"artifacts.root={tmp_path / 'a'}"])
     assert re.search(r"ingest train .*rows", terminal) and re.search(r"epoch 1/1 .*batches", terminal)
     assert "━" in terminal and re.search(r"loss \d+\.\d{4}", terminal)  # the bar, with the running loss
+    model = next(p for p in (tmp_path / "a" / "train").iterdir() if not p.name.startswith("."))
+    terminal = run_with_terminal_stderr(["predict", "--model", str(model), "--allow-unblessed", "--input",
+                                         str(MNIST / "test.parquet"), "--output", str(tmp_path / "p.parquet"),
+                                         "--set", f"artifacts.root={tmp_path / 'a'}", "--set", "predict.batch_size=500"])
+    assert re.search(r"predict .*rows", terminal)
     piped = run_cli(*args, "--set", f"artifacts.root={tmp_path / 'b'}")
     assert piped.returncode == 0, piped.stderr[-2000:]
     assert "━" not in piped.stderr and "batches" not in piped.stderr and "\x1b[" not in piped.stderr
     assert "epoch 1/1: accuracy=" in piped.stderr  # the plain per-epoch line
+
+
+def test_a_failed_run_prints_no_traceback_and_ends_with_one_line(tmp_path):
+    done = run_cli("run", "--set", f"artifacts.root={tmp_path}", "--set", f"data.source=npz:{tmp_path}/missing.npz")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and native_lines(done.stderr) == []
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"tfpipe: error: {tmp_path}/missing.npz does not exist: data.source=npz:PATH needs an .npz file with "
+        "x_train, y_train, x_test, y_test (keras.datasets layout)")

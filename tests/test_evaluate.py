@@ -9,7 +9,7 @@ from tasks.champion import CHAMPION_FILE, read_champion
 from tasks.evaluate import classification_metrics, evaluate, gate
 from tasks.ingest import ingest
 from tasks.train import train
-from tests.conftest import invoke_cli, make_config
+from tests.conftest import PLAIN_TRAINING, invoke_cli, make_config
 
 
 def test_metrics_on_a_case_known_by_hand():
@@ -49,7 +49,8 @@ def test_gate_thresholds_and_regression():
 
 def test_gate_blesses_first_refuses_worse_accepts_better(tmp_path):
     root = tmp_path / "artifacts"
-    base = ["data.limit=600", "train.batch_size=64", "evaluate.min_accuracy=0.3", "evaluate.max_regression=0.0"]
+    base = ["data.limit=600", "train.batch_size=64", "evaluate.min_accuracy=0.3", "evaluate.max_regression=0.0",
+            *PLAIN_TRAINING]
     cfg = make_config(root, *base, "train.epochs=2")
     dataset = ingest(cfg.data, cfg.artifacts.root)
     first = evaluate(cfg, dataset, train(cfg, dataset))
@@ -103,7 +104,8 @@ def test_champion_is_re_measured_on_a_different_test_split(tmp_path):
     from tests.conftest import mnist_arrays
 
     root = tmp_path / "artifacts"
-    base = ["train.batch_size=64", "evaluate.min_accuracy=0.3", "evaluate.max_regression=0.0", "train.epochs=2"]
+    base = ["train.batch_size=64", "evaluate.min_accuracy=0.3", "evaluate.max_regression=0.0", "train.epochs=2",
+            *PLAIN_TRAINING]
     cfg = make_config(root, "data.limit=600", *base)
     dataset = ingest(cfg.data, cfg.artifacts.root)
     champion = evaluate(cfg, dataset, train(cfg, dataset))

@@ -75,7 +75,8 @@ def test_training_flow_and_an_on_demand_deployment_on_a_postgres_backed_server(p
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert "gate: BLESSED" in trained.stdout
 
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--set", f"artifacts.root={root}"],
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--set", f"artifacts.root={root}",
+                                  "--set", f"serve.allowed_outputs=[{tmp_path}]"],
                                  cwd=REPO, env=client_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         output = tmp_path / "served.parquet"
