@@ -670,7 +670,8 @@ class _EpochLog(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.batches += 1
-        self.update(advance=1, info=running_metrics(logs or {}))
+        if on_terminal():  # reading the metrics waits for the step: only for a bar someone sees
+            self.update(advance=1, info=running_metrics(logs or {}))
         if self.run.stop.signal is not None:
             self.model.stop_training = True
 
