@@ -286,11 +286,16 @@ def _overrides_dict(items: list[str] | None) -> dict:
 
 
 @app.command()
-def serve(config: ConfigOpt = None, set: SetOpt = None) -> None:
+def serve(config: ConfigOpt = None, set: SetOpt = None,
+          print_policy: Annotated[bool, typer.Option("--print-policy", help=(
+              "Print the TFPIPE_SERVE_POLICY value this config gives (for a work pool's job environment) and exit."))] = False) -> None:
     """Serve the scheduled training deployment (schedule.cron) and the on-demand batch-prediction deployment."""
     cfg = _setup(config, set)
-    from flows.deployments import serve_deployments
+    from flows.deployments import serve_deployments, serve_policy
 
+    if print_policy:
+        typer.echo(serve_policy(cfg, config, _overrides_dict(set)).to_env())
+        return
     with _prefect_errors_are_one_line():
         serve_deployments(cfg, config, _overrides_dict(set))
 

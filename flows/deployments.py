@@ -31,9 +31,12 @@ def build_deployments(cfg: PipelineConfig, config_file: str | None, overrides: d
     return training, prediction
 
 
+def serve_policy(cfg: PipelineConfig, config_file: str | None, overrides: dict[str, Any]) -> ServePolicy:
+    return ServePolicy.of(cfg, config_file, {**overrides, "artifacts.root": cfg.artifacts.root})
+
+
 def serve_deployments(cfg: PipelineConfig, config_file: str | None, overrides: dict[str, Any]) -> None:
     # The flow runs this process starts inherit its environment, which no API caller can touch: the policy they
     # check every call's parameters against (tasks/policy.py).
-    policy = ServePolicy.of(cfg, config_file, {**overrides, "artifacts.root": cfg.artifacts.root})
-    os.environ[POLICY_ENV] = policy.to_env()
+    os.environ[POLICY_ENV] = serve_policy(cfg, config_file, overrides).to_env()
     serve(*build_deployments(cfg, config_file, overrides), limit=1)

@@ -1,5 +1,6 @@
 """The served-call policy: normalised paths, fixed keys, allowed overrides (no Prefect needed)."""
 
+import json
 import os
 
 import pytest
@@ -62,3 +63,14 @@ def test_no_policy_outside_serve(monkeypatch):
     monkeypatch.delenv(POLICY_ENV, raising=False)
     assert served_call("/any.yaml", {"artifacts.root": "/x"}, input="/etc/hostname", output="/tmp/x") == (
         "/any.yaml", {"artifacts.root": "/x"})
+
+
+def test_serve_prints_the_policy_for_a_work_pool(tmp_path):
+    import flows.deployments  # noqa: F401  (Prefect sets up its logging here, not inside the captured CLI run)
+    from tests.conftest import invoke_cli
+
+    code, out, _ = invoke_cli("serve", "--print-policy", "--set", f"artifacts.root={tmp_path}",
+                              "--set", "serve.allowed_overrides=[train.epochs]")
+    policy = ServePolicy(**json.loads(out))
+    assert code == 0 and policy.root == str(tmp_path) and policy.allowed_overrides == ["train.epochs"]
+    assert policy.overrides["artifacts.root"] == str(tmp_path)
