@@ -9,10 +9,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import dashboard
-from flows.stages import retry_transient
+from flows.retry import retry_transient
 from pipeline_config import PipelineConfig, load_config
 from tasks import parts
-from tasks import predict as predict_stage
 from tasks.artifacts import PredictionArtifact
 from tasks.errors import PipelineError
 from tasks.policy import served_call
@@ -21,6 +20,8 @@ from tasks.policy import served_call
 @task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def batch_predict_task(config_file: str | None, overrides: dict[str, Any] | None, model: str, input: str,
                        output: str, allow_unblessed: bool, overwrite: bool) -> PredictionArtifact:
+    from tasks import predict as predict_stage  # TensorFlow loads here: a refused served call never waits for it
+
     cfg = load_config(config_file, overrides)
     return predict_stage.predict(cfg, model, input, output, allow_unblessed=allow_unblessed, overwrite=overwrite)
 

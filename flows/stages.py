@@ -12,30 +12,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from flows import dashboard
-from pipeline_config import ConfigError, PipelineConfig
+from flows.retry import retry_transient
+from pipeline_config import PipelineConfig
 from tasks import evaluate as evaluate_stage
 from tasks import predict as predict_stage
 from tasks import train as train_stage
 from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names, join,
                              read_json)
-from tasks.errors import PipelineError
 from tasks.worker import ingest_for
 
 
 def resolved(value):
     """A stage's result: tasks that reused their output return a Cached state, whose data is the artifact."""
     return value.result() if isinstance(value, State) else value
-
-
-def retry_transient(task, task_run, state) -> bool:
-    """Retry I/O hiccups, not bad input or bad config: those fail the same way every time."""
-    try:
-        state.result()
-    except (PipelineError, ConfigError):
-        return False
-    except Exception:
-        return True
-    return False
 
 
 def _finish(artifact, what: str):
