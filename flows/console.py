@@ -16,6 +16,9 @@ import re
 import sys
 import threading
 
+from pipeline_config import ConfigError
+from tasks.errors import PipelineError
+
 NATIVE_LOG_LINE = re.compile(
     rb"^([IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] "  # absl / TensorFlow C++ log lines (F: fatal, kept)
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
@@ -61,9 +64,6 @@ class _NoTracebackForUserErrors(logging.Filter):
     config, bad input, a stop request) the message already holds the one line that matters."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from pipeline_config import ConfigError
-        from tasks.errors import PipelineError
-
         if record.exc_info and isinstance(record.exc_info[1], (PipelineError, ConfigError)):
             record.exc_info, record.exc_text = None, None
         return True

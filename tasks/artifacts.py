@@ -73,6 +73,16 @@ def find_published(root: str, stage: str, fingerprint: str) -> dict | None:
     return read_manifest(stage_dir(root, stage, fingerprint))
 
 
+def published_outputs(root: str, stage: str) -> list[tuple[str, dict]]:
+    """(directory, manifest) of every published output of a stage (temporary and work dirs left out)."""
+    found = []
+    for name in storage.listdir(join(root, stage)):
+        manifest = None if name.startswith(".") else read_manifest(join(root, stage, name))
+        if manifest is not None:
+            found.append((join(root, stage, name), manifest))
+    return found
+
+
 def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict], replace: bool = False) -> dict:
     """Run `write(tmp_dir)`, which fills a local directory and returns the manifest body, then publish it.
     `replace` removes a published output of the same fingerprint first (one that failed verification).

@@ -16,7 +16,7 @@ import os
 import time
 
 from tasks import storage
-from tasks.artifacts import join, read_json, read_manifest, write_json_atomic
+from tasks.artifacts import join, published_outputs, read_json, read_manifest, write_json_atomic
 from tasks.errors import PipelineError
 from tasks.lease import stage_lease
 
@@ -122,12 +122,7 @@ def latest_evaluation(root: str, model_fp: str) -> dict | None:
 
 
 def evaluations(root: str) -> list[dict]:
-    out = []
-    for name in storage.listdir(join(root, "evaluate")):
-        manifest = None if name.startswith(".") else read_manifest(join(root, "evaluate", name))
-        if manifest is not None:
-            out.append({**manifest, "uri": join(root, "evaluate", name)})
-    return out
+    return [{**manifest, "uri": uri} for uri, manifest in published_outputs(root, "evaluate")]
 
 
 def list_models(root: str) -> list[dict]:
@@ -137,10 +132,7 @@ def list_models(root: str) -> list[dict]:
     for ev in sorted(evaluations(root), key=lambda m: m["created"]):
         latest[ev["model_fingerprint"]] = ev
     rows = []
-    for name in storage.listdir(join(root, "train")):
-        manifest = None if name.startswith(".") else read_manifest(join(root, "train", name))
-        if manifest is None:
-            continue
+    for uri, manifest in published_outputs(root, "train"):
         ev = latest.get(manifest["fingerprint"])
         rows.append({"fingerprint": manifest["fingerprint"], "created": manifest["created"],
                      "dataset_fingerprint": manifest["dataset_fingerprint"], "precision": manifest["precision"],
@@ -149,7 +141,7 @@ def list_models(root: str) -> list[dict]:
                      "macro_f1": ev["metrics"]["macro_f1"] if ev else None,
                      "gate": None if ev is None else ("blessed" if ev["blessed"] else "not blessed"),
                      "champion": manifest["fingerprint"] == champion.get("model_fingerprint"),
-                     "uri": join(root, "train", name)})
+                     "uri": uri})
     return sorted(rows, key=lambda r: r["created"], reverse=True)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_config import ArtifactsConfig
-from tasks.artifacts import read_manifest
+from tasks.artifacts import published_outputs, read_manifest
 from tasks.champion import read_champion
 from tasks.lease import LEASES, is_held
 
@@ -57,11 +57,7 @@ def _old_outputs(root: str, keep_last: int) -> list[Removal]:
     kept_models = []
     found = []
     for stage in STAGES:
-        published = []
-        for d in (Path(root) / stage).glob("*"):
-            manifest = read_manifest(str(d)) if d.is_dir() and not d.name.startswith(".") else None
-            if manifest is not None:
-                published.append((manifest.get("created", 0), d, manifest))
+        published = [(manifest.get("created", 0), Path(uri), manifest) for uri, manifest in published_outputs(root, stage)]
         published.sort(key=lambda item: item[0], reverse=True)
         for rank, (_, d, manifest) in enumerate(published):
             if rank < keep_last or d.name in needed:
