@@ -69,9 +69,23 @@ class _NoTracebackForUserErrors(logging.Filter):
         return True
 
 
+class _NoDaskTeardownNoise(logging.Filter):
+    """A Dask LocalCluster shutting down logs connections it closed itself (CommClosedError, StreamClosedError,
+    with tracebacks, from distributed's or asyncio's loggers); nothing was lost and nothing is to be done."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ not in ("CommClosedError", "StreamClosedError")
+
+
 def quiet_python_logs() -> None:
-    """TensorFlow's Python warnings (retracing notes), Prefect's server chatter and the tracebacks of user errors,
-    hidden unless verbose."""
+    """TensorFlow's Python warnings (retracing notes), Prefect's server chatter, the tracebacks of user errors and
+    Dask's teardown noise, hidden unless verbose."""
+    from tasks import configure_logging
+
+    configure_logging()  # the stderr handler every logger's records reach, filtered here
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoDaskTeardownNoise())
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("prefect").addFilter(_NoPrefectChatter())
     for name in ("prefect.flow_runs", "prefect.task_runs"):
