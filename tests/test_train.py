@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import keras
@@ -221,15 +222,24 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_the_rerun_resumes(root, mode):
             "--set", "train.batch_size=32", "--set", f"train.mode={mode}", "--json"]
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not list(root.glob("train/.work-*/checkpoints/checkpoint")):
+        while time.time() < deadline and proc.poll() is None and not any("epoch 1/2:" in line for line in lines):
             time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(2.0)  # into epoch 2 (past its first batches; its 338 batches take longer than this)
+        assert proc.poll() is None, "".join(lines)[-2000:]
+        # Into epoch 2, past its first batches: a quarter of epoch 1's training time (from its images/s) after
+        # its line, plus a second for the epoch's set-up, so that a slower machine waits longer.
+        speed = float(re.search(r"([\d.]+) images/s", next(l for l in lines if "epoch 1/2:" in l)).group(1))
+        time.sleep(1.0 + 10_800 / speed / 4)
         proc.send_signal(signal.SIGTERM)
         sent = time.time()
-        out, err = proc.communicate(timeout=60)
+        out = proc.stdout.read()
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        err = "".join(lines)
         assert time.time() - sent < 30
     finally:
         if proc.poll() is None:
