@@ -1,8 +1,9 @@
 """Stage 2, model: build a Keras functional model from the `model.layers` config.
 
-The default config is the seed's `basic_cnn`. The input shape and the number of classes come from the
-DatasetArtifact, the head from the loss: Dense(num_classes) + softmax, or Dense(1) + sigmoid for binary
-crossentropy. The output activation always computes in float32, whatever the precision policy.
+The default config is the seed's `basic_cnn` with lighter dropout (see pipeline_config). The input shape and the
+number of classes come from the DatasetArtifact, the head from the loss: Dense(num_classes) + softmax, or
+Dense(1) + sigmoid for binary crossentropy. The output activation always computes in float32, whatever the
+precision policy.
 """
 
 from __future__ import annotations

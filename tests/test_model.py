@@ -10,13 +10,16 @@ def describe(model):
              getattr(layer, "activation", None) and layer.activation.__name__) for layer in model.layers]
 
 
-def test_default_config_is_the_seed_basic_cnn_layer_for_layer():
+def test_default_config_is_the_seed_basic_cnn_layer_for_layer_with_lighter_dropout():
     cfg = load_config()
     model = build_model(cfg.model, [28, 28, 1], 10, cfg.train.loss)
     expected = seed_basic_cnn()
     assert model.name == "basic_cnn"
     assert describe(model) == describe(expected)
     assert model.count_params() == expected.count_params() == 697_386  # 320 + 9248 + 18496 + 73856 + 590336 + 5130
+    rates = [layer.rate for layer in model.layers if type(layer).__name__ == "Dropout"]
+    assert rates == [0.1, 0.25, 0.5]
+    assert [layer.rate for layer in expected.layers if type(layer).__name__ == "Dropout"] == [0.5, 0.5, 0.5]
 
 
 def test_input_shape_and_classes_come_from_the_dataset():
