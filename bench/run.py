@@ -239,7 +239,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(f"\n| figure | value | target | status |\n| --- | --- | --- | --- |")
+    print("\n| figure | value | target | status |\n| --- | --- | --- | --- |")
     for f in figures:
         status = "reported" if f["ok"] is None else ("met" if f["ok"] else "MISSED")
         print(f"| {f['figure']} | {f['value']:.3f} {f['unit']} | {f['target'] or ''} | {status} |")

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from tasks.champion import read_champion
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
