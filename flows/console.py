@@ -78,6 +78,13 @@ class _NoDaskTeardownNoise(logging.Filter):
         return type(exc).__name__ not in ("CommClosedError", "StreamClosedError")
 
 
+# One instance each: logging's addFilter skips a filter already attached, so calling quiet_python_logs again
+# (a second CLI entry in one process, the tests) adds nothing.
+NO_PREFECT_CHATTER = _NoPrefectChatter()
+NO_TRACEBACK_FOR_USER_ERRORS = _NoTracebackForUserErrors()
+NO_DASK_TEARDOWN_NOISE = _NoDaskTeardownNoise()
+
+
 def quiet_python_logs() -> None:
     """TensorFlow's Python warnings (retracing notes), Prefect's server chatter, the tracebacks of user errors and
     Dask's teardown noise, hidden unless verbose."""
@@ -85,11 +92,11 @@ def quiet_python_logs() -> None:
 
     configure_logging()  # the stderr handler every logger's records reach, filtered here
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_NoDaskTeardownNoise())
+        handler.addFilter(NO_DASK_TEARDOWN_NOISE)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    logging.getLogger("prefect").addFilter(_NoPrefectChatter())
+    logging.getLogger("prefect").addFilter(NO_PREFECT_CHATTER)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
+        logging.getLogger(name).addFilter(NO_TRACEBACK_FOR_USER_ERRORS)
 
 
 def configure(argv: list[str]) -> bool:

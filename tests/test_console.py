@@ -1,5 +1,6 @@
 """What `tfpipe` prints: no TensorFlow C++ or CUDA lines unless -v, progress bars on a terminal only."""
 
+import json
 import os
 import pty
 import re
@@ -74,3 +75,15 @@ def test_a_failed_run_prints_no_traceback_and_ends_with_one_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         f"tfpipe: error: {tmp_path}/missing.npz does not exist: data.source=npz:PATH needs an .npz file with "
         "x_train, y_train, x_test, y_test (keras.datasets layout)")
+
+
+def test_quiet_python_logs_twice_attaches_each_filter_once():
+    count = ("import json, logging; from flows.console import quiet_python_logs\n"
+             "quiet_python_logs(); quiet_python_logs()\n"
+             "loggers = [logging.getLogger(), logging.getLogger('prefect'), logging.getLogger('prefect.flow_runs')]\n"
+             "print(json.dumps([[len(h.filters) for h in loggers[0].handlers], [len(l.filters) for l in loggers[1:]]]))")
+    done = subprocess.run([sys.executable, "-c", count], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    handler_filters, logger_filters = json.loads(done.stdout.strip().splitlines()[-1])
+    assert handler_filters and all(n == 1 for n in handler_filters)
+    assert logger_filters == [1, 1]
