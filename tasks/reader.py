@@ -42,11 +42,12 @@ def encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.Te
 def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuffle_buffer: int | None = None,
                  seed: int | None = None, label_mode: str = "sparse", files: list[str] | None = None,
                  raw_uint8: bool = False, record_shard: tuple[int, int] | None = None,
-                 records: int | None = None, augment: AugmentConfig | None = None,
+                 records: int | None = None, augment: AugmentConfig | None = None, augment_stream: int = 0,
                  class_weights: list[float] | None = None) -> tf.data.Dataset:
     """Batched (images, labels) from one split. `shuffle_buffer=None` keeps the stored order; `records` reads
     only the first that many. Training input adds `augment` (batch i augmented with the stateless seed
-    (seed, i)) and `class_weights` ((images, labels, weights) with each example's class weight)."""
+    (seed, i), with `augment_stream` folded in when not 0) and `class_weights` ((images, labels, weights) with
+    each example's class weight)."""
     paths = files if files is not None else shard_paths(dataset, split)
     ds = tf.data.Dataset.from_tensor_slices(paths)
     if record_shard is not None:  # (count, index): every count-th record of the stored order, then shuffled
@@ -76,7 +77,10 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
         if not raw_uint8:
             images = tf.cast(images, tf.float32) / 255.0
         if augment is not None:
-            images = augment_batch(images, tf.stack([tf.constant(seed or 0, tf.int64), index]), augment)
+            key = tf.stack([tf.constant(seed or 0, tf.int64), index])
+            if augment_stream:  # another worker's input pipeline: augmentations of its own
+                key = tf.random.experimental.stateless_fold_in(key, augment_stream)
+            images = augment_batch(images, key, augment)
         if weights is None:
             return images, encode_labels(labels, label_mode, num_classes)
         return images, encode_labels(labels, label_mode, num_classes), tf.gather(weights, labels)
@@ -90,14 +94,15 @@ def per_worker_dataset_fn(dataset: DatasetArtifact, split: str, global_batch_siz
                           augment: AugmentConfig | None = None, class_weights: list[float] | None = None):
     """For `strategy.distribute_datasets_from_function`: each input pipeline (worker) reads its own part of the
     split, whole shard files when there are at least as many files as pipelines, else every n-th record, and
-    batches at the per-replica size. Together the pipelines read every record once per epoch."""
+    batches at the per-replica size. Together the pipelines read every record once per epoch. Each pipeline
+    augments with its own stream (its id), so that the workers' batches do not share their random transforms."""
     paths = shard_paths(dataset, split)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(global_batch_size)
         n, i = context.num_input_pipelines, context.input_pipeline_id
         common = dict(shuffle_buffer=shuffle_buffer, seed=seed, label_mode=label_mode, augment=augment,
-                      class_weights=class_weights)
+                      augment_stream=i, class_weights=class_weights)
         if len(paths) >= n:
             return make_dataset(dataset, split, batch, files=paths[i::n], **common)
         return make_dataset(dataset, split, batch, files=paths, record_shard=(n, i), **common)

@@ -40,7 +40,7 @@ from tasks.reader import make_dataset, per_worker_dataset_fn
 
 log = logging.getLogger("tfpipe.train")
 
-TRAIN_CODE_VERSION = "2"  # 2: epoch k shuffled by train.seed + k (exact resume)
+TRAIN_CODE_VERSION = "3"  # 2: epoch k shuffled by train.seed + k (exact resume); 3: per-worker augmentation streams
 STAGE = "train"
 LABEL_MODES = {"sparse_categorical_crossentropy": "sparse", "categorical_crossentropy": "categorical",
                "binary_crossentropy": "binary"}

@@ -61,6 +61,30 @@ def test_workers_read_every_record_exactly_once_per_epoch(tmp_path, shards):
     assert len(every) == dataset.counts["train"] and key(every) == key(stored)
 
 
+def test_each_worker_augments_with_its_own_stream(tmp_path):
+    from pipeline_config import AugmentConfig
+    from tasks.reader import make_dataset, shard_paths
+
+    cfg = make_config(tmp_path, "data.limit=200", "data.shards=1")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    augment = AugmentConfig(translation=0.1, rotation=0.05, zoom=0.1)
+    common = dict(shuffle_buffer=None, seed=3, records=32)
+    plain = next(iter(make_dataset(dataset, "train", 32, **common)))[0].numpy()
+    first = next(iter(make_dataset(dataset, "train", 32, augment=augment, **common)))[0].numpy()
+    stream0 = next(iter(make_dataset(dataset, "train", 32, augment=augment, augment_stream=0, **common)))[0].numpy()
+    stream1 = next(iter(make_dataset(dataset, "train", 32, augment=augment, augment_stream=1, **common)))[0].numpy()
+    np.testing.assert_array_equal(stream0, first)  # one pipeline (no multi_worker) augments as it always did
+    assert np.abs(first - plain).mean() > 0.01 and np.abs(stream1 - plain).mean() > 0.01
+    assert np.abs(stream1 - first).mean() > 0.01  # the same images, other transforms
+    # per_worker_dataset_fn gives pipeline i stream i: worker 1's batches are worker 1's stream
+    fn = per_worker_dataset_fn(dataset, "train", 32, seed=3, augment=augment)
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=2)
+    worker1 = next(iter(fn(context)))[0].numpy()
+    expected = make_dataset(dataset, "train", 16, seed=3, files=shard_paths(dataset, "train"), record_shard=(2, 1),
+                            augment=augment, augment_stream=1)
+    np.testing.assert_array_equal(worker1, next(iter(expected))[0].numpy())
+
+
 def test_fit_with_multi_worker_is_rejected():
     code, _, err = invoke_cli("train", "--set", "train.strategy=multi_worker", "--set", "train.mode=fit")
     assert code == 2 and "keras-team/keras#20585" in err and "train.mode=custom" in err
