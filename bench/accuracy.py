@@ -28,9 +28,9 @@ from pipeline_config import DEFAULT_LAYERS, load_config
 
 # The defaults up to 2026-11-25: the seed's dropout (0.5 after every block), constant Adam 1e-3, no augmentation.
 SEED_LAYERS = [{**layer, "rate": 0.5} if layer["type"] == "Dropout" else layer for layer in DEFAULT_LAYERS]
-PREVIOUS_DEFAULTS = [f"model.layers={json.dumps(SEED_LAYERS)}", "train.lr_schedule.name=constant", "train.lr_schedule.warmup_epochs=0",
-                     "train.optimizer.learning_rate=0.001", "data.augment.translation=0", "data.augment.rotation=0",
-                     "data.augment.zoom=0"]
+PREVIOUS_DEFAULTS = [f"model.layers={json.dumps(SEED_LAYERS)}", "train.lr_schedule.name=constant",
+                     "train.lr_schedule.warmup_epochs=0", "train.optimizer.learning_rate=0.001",
+                     "data.augment.translation=0", "data.augment.rotation=0", "data.augment.zoom=0"]
 LONG_PRESET = REPO / "pipeline_config" / "presets" / "long.yaml"
 
 
