@@ -42,10 +42,11 @@ def encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.Te
 def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuffle_buffer: int | None = None,
                  seed: int | None = None, label_mode: str = "sparse", files: list[str] | None = None,
                  raw_uint8: bool = False, record_shard: tuple[int, int] | None = None,
-                 records: int | None = None, augment: AugmentConfig | None = None, augment_stream: int = 0,
-                 class_weights: list[float] | None = None) -> tf.data.Dataset:
+                 records: int | None = None, drop_remainder: bool = False, augment: AugmentConfig | None = None,
+                 augment_stream: int = 0, class_weights: list[float] | None = None) -> tf.data.Dataset:
     """Batched (images, labels) from one split. `shuffle_buffer=None` keeps the stored order; `records` reads
-    only the first that many. Training input adds `augment` (batch i augmented with the stateless seed
+    only the first that many (of the shuffled order, when shuffled); `drop_remainder` leaves out the last
+    incomplete batch. Training input adds `augment` (batch i augmented with the stateless seed
     (seed, i), with `augment_stream` folded in when not 0) and `class_weights` ((images, labels, weights) with
     each example's class weight)."""
     paths = files if files is not None else shard_paths(dataset, split)
@@ -64,10 +65,11 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
         ds = ds.flat_map(tf.data.TFRecordDataset)
     if records is not None:
         ds = ds.take(records)
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if files is None:  # known length: Keras sizes its epochs without running out of data
         count = dataset.counts[split] if records is None else min(records, dataset.counts[split])
-        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
+        batches = count // batch_size if drop_remainder else -(-count // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     image_shape, num_classes = dataset.image_shape, dataset.num_classes
     augment = augment if augment is not None and augment.enabled else None
     weights = tf.constant(class_weights, tf.float32) if class_weights is not None else None
@@ -91,19 +93,29 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
 
 def per_worker_dataset_fn(dataset: DatasetArtifact, split: str, global_batch_size: int, *,
                           shuffle_buffer: int | None = None, seed: int | None = None, label_mode: str = "sparse",
-                          augment: AugmentConfig | None = None, class_weights: list[float] | None = None):
+                          drop_remainder: bool = False, augment: AugmentConfig | None = None,
+                          class_weights: list[float] | None = None):
     """For `strategy.distribute_datasets_from_function`: each input pipeline (worker) reads its own part of the
-    split, whole shard files when there are at least as many files as pipelines, else every n-th record, and
-    batches at the per-replica size. Together the pipelines read every record once per epoch. Each pipeline
+    split, whole shard files when they divide evenly over the pipelines, else every n-th record, and batches at
+    the per-replica size. Every pipeline reads the same number of records, so that no replica runs out of batches
+    before its peers (it would get an empty batch, which oneDNN's convolutions on CPU fail on): the split's
+    count // n each, less than n records left out, or with `drop_remainder` (training) only whole global batches,
+    less than one global batch left out, different records every epoch as the shuffle differs. Each pipeline
     augments with its own stream (its id), so that the workers' batches do not share their random transforms."""
     paths = shard_paths(dataset, split)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(global_batch_size)
         n, i = context.num_input_pipelines, context.input_pipeline_id
-        common = dict(shuffle_buffer=shuffle_buffer, seed=seed, label_mode=label_mode, augment=augment,
-                      augment_stream=i, class_weights=class_weights)
-        if len(paths) >= n:
+        count = dataset.counts[split]
+        # A worker with several replicas hands its batches to them in turn: whole global batches only, too.
+        if drop_remainder or context.num_replicas_in_sync > n:
+            records, drop = count // global_batch_size * global_batch_size // n, True
+        else:
+            records, drop = count // n, False
+        common = dict(shuffle_buffer=shuffle_buffer, seed=seed, label_mode=label_mode, records=records,
+                      drop_remainder=drop, augment=augment, augment_stream=i, class_weights=class_weights)
+        if len(paths) % n == 0:  # ingest deals records round-robin: every file holds count // files or one more
             return make_dataset(dataset, split, batch, files=paths[i::n], **common)
         return make_dataset(dataset, split, batch, files=paths, record_shard=(n, i), **common)
 

@@ -40,7 +40,8 @@ from tasks.reader import make_dataset, per_worker_dataset_fn
 
 log = logging.getLogger("tfpipe.train")
 
-TRAIN_CODE_VERSION = "3"  # 2: epoch k shuffled by train.seed + k (exact resume); 3: per-worker augmentation streams
+TRAIN_CODE_VERSION = "4"  # 2: epoch k shuffled by train.seed + k (exact resume); 3: per-worker augmentation streams;
+# 4: whole batches only on several replicas
 STAGE = "train"
 LABEL_MODES = {"sparse_categorical_crossentropy": "sparse", "categorical_crossentropy": "categorical",
                "binary_crossentropy": "binary"}
@@ -243,6 +244,7 @@ class TrainingRun:
     train_input: Callable[[int, int], Any]  # (epoch, batches to skip) -> that epoch's input, shuffled by seed + epoch
     val_data: Any  # a tf.data.Dataset, or under multi_worker a function each worker builds its part with
     stop: StopRequest
+
     @property
     def chief(self) -> bool:
         return worker_role(self.strategy)[0]
@@ -252,6 +254,11 @@ class TrainingRun:
         """Where this worker checkpoints: the work dir on the chief, a private one the other workers delete."""
         chief, index = worker_role(self.strategy)
         return self.work if chief else join(self.work, f".worker-{index}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.dataset.counts["train"], self.cfg.train.batch_size,
+                               self.strategy.num_replicas_in_sync)
 
     def facts(self) -> dict:
         """How the run trained, for the manifest and history.json."""
@@ -335,6 +342,9 @@ def start_run(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distri
     if tc.batch_size % replicas:
         raise PipelineError(f"train.batch_size={tc.batch_size} does not split evenly over {replicas} replicas: "
                             f"use a multiple of {replicas}")
+    if replicas > 1 and dataset.counts["train"] < tc.batch_size:
+        raise PipelineError(f"train.batch_size={tc.batch_size} is more than the {dataset.counts['train']} training "
+                            f"records, and {replicas} replicas train on whole batches only: lower train.batch_size")
     log.info("precision %s (%s); %s over %d replica(s) %s, global batch %d = %d per replica", precision[0],
              precision[1], strategy_name(strategy), replicas, strategy_devices(strategy), tc.batch_size,
              tc.batch_size // replicas)
@@ -355,7 +365,8 @@ def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
     epoch, so a resumed run reads epoch k in the same order as an uninterrupted one, and a run stopped in the
     middle of an epoch resumes by skipping the batches it had trained on."""
     tc = cfg.train
-    make = per_worker_dataset_fn if is_multi_worker(strategy) else make_dataset
+    multi_worker, replicas = is_multi_worker(strategy), strategy.num_replicas_in_sync
+    make = per_worker_dataset_fn if multi_worker else make_dataset
     weights = class_weights(cfg, dataset)
     if weights is not None:
         log.info("class weights: %s", ", ".join(f"{i}={w:.3g}" for i, w in enumerate(weights)))
@@ -363,21 +374,23 @@ def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
         log.warning("data.augment.flip mirrors single-channel images: right for photos, wrong for digits and text")
 
     def train_input(epoch: int, skip: int = 0):
+        # Several replicas train on whole batches only: a short last batch can leave a replica an empty one,
+        # which oneDNN's convolutions on CPU fail on (less than one batch of an epoch is left out).
         data = make(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed + epoch,
-                    label_mode=LABEL_MODES[tc.loss], augment=cfg.data.augment, class_weights=weights)
+                    label_mode=LABEL_MODES[tc.loss], drop_remainder=replicas > 1, augment=cfg.data.augment,
+                    class_weights=weights)
         if not skip:
             return data
         return data.skip(skip) if isinstance(data, tf.data.Dataset) else (lambda context: data(context).skip(skip))
 
-    if tc.mode == "fit" and strategy.num_replicas_in_sync > 1:
-        # Keras' evaluation in fit fails under MirroredStrategy when the last validation batch splits unevenly over
-        # the replicas (AddN of unequal shapes): validate on a multiple of the replica count (at most
-        # replicas - 1 records fewer).
-        count = dataset.counts["validation"]
-        even = count - count % strategy.num_replicas_in_sync
-        return train_input, make_dataset(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss],
-                                         records=even)
-    return train_input, make(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss])
+    if multi_worker or replicas == 1:  # per_worker_dataset_fn gives every replica the same number of records
+        return train_input, make(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss])
+    # The last validation batch must split evenly over the replicas: one left empty fails the convolutions, and
+    # Keras' evaluation in fit fails on unequal parts (AddN of unequal shapes). Validate on a multiple of the
+    # replica count (at most replicas - 1 records fewer).
+    count = dataset.counts["validation"]
+    return train_input, make_dataset(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss],
+                                     records=count - count % replicas)
 
 
 def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
@@ -385,9 +398,15 @@ def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: 
     """Model and optimizer, both created inside the strategy scope (the optimizer built, as the custom loop needs)."""
     with strategy.scope():
         model = build_model(cfg.model, dataset.image_shape, dataset.num_classes, cfg.train.loss, precision)
-        optimizer = make_optimizer(cfg, precision, -(-dataset.counts["train"] // cfg.train.batch_size))
+        steps = steps_per_epoch(dataset.counts["train"], cfg.train.batch_size, strategy.num_replicas_in_sync)
+        optimizer = make_optimizer(cfg, precision, steps)
         optimizer.build(model.trainable_variables)
     return model, optimizer
+
+
+def steps_per_epoch(records: int, batch_size: int, replicas: int) -> int:
+    """Batches in one epoch: every record, or on several replicas whole batches only (see training_inputs)."""
+    return records // batch_size if replicas > 1 else -(-records // batch_size)
 
 
 def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -> dict:
@@ -655,7 +674,7 @@ class _EpochLog(keras.callbacks.Callback):
     def __init__(self, run: TrainingRun, recorder: EpochRecorder, skipped: int):
         super().__init__()
         self.run, self.recorder, self.batches = run, recorder, skipped
-        self.per_epoch = -(-run.dataset.counts["train"] // run.cfg.train.batch_size)
+        self.per_epoch = run.steps_per_epoch
         self.bar = contextlib.ExitStack()
 
     @property
@@ -691,8 +710,7 @@ class _EpochLog(keras.callbacks.Callback):
 @contextlib.contextmanager
 def epoch_bar(run: TrainingRun, epoch: int, done: int):
     """The terminal's progress bar over one epoch's batches, `done` of them already trained (resume)."""
-    per_epoch = -(-run.dataset.counts["train"] // run.cfg.train.batch_size)
-    with progress_bar(f"epoch {epoch + 1}/{run.cfg.train.epochs}", per_epoch, "batches") as update:
+    with progress_bar(f"epoch {epoch + 1}/{run.cfg.train.epochs}", run.steps_per_epoch, "batches") as update:
         update(advance=done)
         yield update
 
