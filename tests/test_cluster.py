@@ -46,8 +46,10 @@ def test_two_local_workers_train_identical_weights(tmp_path):
 
 
 # by file (4 files, 2 workers), by record (3 files or 1 file, 2 workers); all batches, or whole global ones only
-@pytest.mark.parametrize("shards, drop_remainder", [(4, False), (3, False), (1, False), (3, True)])
-def test_workers_read_equal_parts_and_every_record_at_most_once(tmp_path, shards, drop_remainder):
+# (training, or 2 replicas on each worker: it hands its batches to them in turn)
+@pytest.mark.parametrize("shards, drop_remainder, replicas", [(4, False, 2), (3, False, 2), (1, False, 2),
+                                                              (3, True, 2), (4, False, 4)])
+def test_workers_read_equal_parts_and_every_record_at_most_once(tmp_path, shards, drop_remainder, replicas):
     cfg = make_config(tmp_path, "data.limit=301", f"data.shards={shards}")
     dataset = ingest(cfg.data, cfg.artifacts.root)
     count = dataset.counts["train"]
@@ -56,19 +58,21 @@ def test_workers_read_equal_parts_and_every_record_at_most_once(tmp_path, shards
                                drop_remainder=drop_remainder)
     seen, sizes = [], []
     for worker in range(2):
-        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
+                                             num_replicas_in_sync=replicas)
         batches = [x.numpy() for x, _ in fn(context)]
         sizes.append([len(b) for b in batches])
         seen.append(np.concatenate(batches))
     assert sizes[0] == sizes[1] and min(sizes[0]) > 0  # step by step the same batch size on every worker
-    if drop_remainder:
-        assert set(sizes[0]) == {8} and len(sizes[0]) == count // 16  # whole global batches only
+    whole = drop_remainder or replicas > 2
+    if whole:  # whole global batches only: each worker's share of every one of them
+        assert set(sizes[0]) == {16 // replicas} and len(sizes[0]) == count // 16 * replicas // 2
     every = np.concatenate(seen)
     raw = tf.data.TFRecordDataset([f"{dataset.uri}/{n}" for n in dataset.shards["train"]]).batch(10000)
     stored = np.concatenate([decode_batch(s, dataset.image_shape)[0].numpy() for s in raw]).astype(np.float32) / 255.0
     key = lambda a: [r.tobytes() for r in a.reshape(len(a), -1)]  # noqa: E731
     assert len(set(key(every))) == len(every) and set(key(every)) <= set(key(stored))  # no record twice
-    assert count - len(every) < (16 if drop_remainder else 2)  # less than a global batch, or than one per worker
+    assert count - len(every) < (16 if whole else 2)  # less than a global batch, or than one per worker
 
 
 def test_each_worker_augments_with_its_own_stream(tmp_path):
