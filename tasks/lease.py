@@ -9,7 +9,8 @@ holder); `tfpipe gc` removes the ones nobody holds.
 Local roots use `filelock` (flock). An object store has no locks: there the lease is an object
 (`<root>/.leases/<stage>-<fingerprint>.json`) made with a conditional create, whose holder rewrites its heartbeat
 every `HEARTBEAT_S`; a lease whose heartbeat is older than `STALE_S` belonged to a run that died, and is taken
-over.
+over. A run on the same machine need not wait that long: the lease names the holder's machine (host, boot and pid
+namespace), and where that is this one, a holder whose process is gone is taken over at once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,31 @@ log = logging.getLogger("tfpipe.lease")
 LEASES = ".leases"
 HEARTBEAT_S = 20.0
 STALE_S = 90.0
+
+
+def this_machine() -> str | None:
+    """Where a pid names one process: the host, the kernel's boot and the pid namespace (containers on one host
+    share a boot but not a pid namespace). None where /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def process_gone(info: dict) -> bool:
+    """The lease's holder ran on this machine and its process no longer exists."""
+    machine = this_machine()
+    if machine is None or info.get("machine") != machine:
+        return False
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+    return False
 
 
 def lease_path(root: str, stage: str, fingerprint: str) -> str:
@@ -80,7 +106,8 @@ def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> 
     from tasks import storage
 
     path = storage.join(root, LEASES, f"{stage}-{fingerprint}.json")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "heartbeat": time.time()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "machine": this_machine(), "since": time.time(),
+          "heartbeat": time.time()}
     started, logged = time.monotonic(), time.monotonic()
     while True:
         try:
@@ -91,9 +118,11 @@ def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> 
                 info = storage.read_json(path)
             except (FileNotFoundError, ValueError):
                 continue  # released meanwhile
-            if time.time() - info.get("heartbeat", 0) > STALE_S:
-                log.warning("%s %s: taking over the lease of pid %s on %s (no heartbeat for %.0fs)", stage,
-                            fingerprint[:12], info.get("pid"), info.get("host"), time.time() - info.get("heartbeat", 0))
+            silent = time.time() - info.get("heartbeat", 0)
+            if silent > STALE_S or process_gone(info):
+                why = f"no heartbeat for {silent:.0f}s" if silent > STALE_S else "its process is gone"
+                log.warning("%s %s: taking over the lease of pid %s on %s (%s)", stage, fingerprint[:12],
+                            info.get("pid"), info.get("host"), why)
                 storage.remove(path)
                 continue
             if time.monotonic() - logged >= log_every:

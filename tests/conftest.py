@@ -115,6 +115,32 @@ def trained(tmp_path_factory):
     return cfg, dataset, model
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server with the bucket `tfp`; the standard AWS variables point at it (for subprocesses too)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="tfp")
+    S3FileSystem.clear_instance_cache()  # fsspec keeps one per process, with the endpoint of an earlier server
+    yield env
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One real Prefect server (temporary SQLite database) for the whole session."""

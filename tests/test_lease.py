@@ -1,12 +1,14 @@
 """Two runs of the same work at once on one artifact root: one builds, the other waits and reuses it."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 
-from tasks.lease import holder, is_held, lease_path, stage_lease
+from tasks import storage
+from tasks.lease import STALE_S, holder, is_held, lease_path, process_gone, stage_lease, this_machine
 from tests.conftest import REPO
 
 
@@ -44,3 +46,42 @@ def test_a_waiting_run_logs_who_holds_the_lease_and_a_dead_holder_frees_it(tmp_p
             proc.kill()
     assert f"train ffffffffffff: waiting for the run that is building it (pid {proc.pid} on " in caplog.text
     assert not is_held(root, "train", fp)
+
+
+def test_an_object_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(s3, caplog):
+    """A bucket has no locks that die with their holder: the lease names the holder's machine, and a run on the
+    same machine takes over from a process that is gone instead of waiting STALE_S for its heartbeat to age."""
+    root, fp = "s3://tfp/leases", "d" * 64
+    holder_script = (f"import time; from tasks.lease import stage_lease\n"
+                     f"with stage_lease({root!r}, 'train', {fp!r}):\n    print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", holder_script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        lease = storage.join(root, ".leases", f"train-{fp}.json")
+        assert storage.read_json(lease)["machine"] == this_machine()
+        threading.Timer(1.0, lambda: (proc.kill(), proc.wait())).start()  # killed: it cannot remove its lease
+        started = time.monotonic()
+        with caplog.at_level("INFO", logger="tfpipe"), stage_lease(root, "train", fp, log_every=0.2):
+            waited = time.monotonic() - started
+            assert storage.read_json(lease)["pid"] == os.getpid()
+        assert 0.9 < waited < STALE_S / 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"waiting for the run that is building it (pid {proc.pid} on " in caplog.text
+    assert f"taking over the lease of pid {proc.pid} on " in caplog.text and "(its process is gone)" in caplog.text
+    assert not storage.exists(lease)
+
+
+def test_an_object_lease_of_another_machine_is_taken_over_only_once_its_heartbeat_is_stale(s3, caplog):
+    root, fp = "s3://tfp/leases", "e" * 64
+    lease = storage.join(root, ".leases", f"train-{fp}.json")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = {"pid": int(dead.stdout), "host": "elsewhere", "since": time.time() - 300}
+    # its pid means nothing here: only the heartbeat tells; a fresh one is a live run elsewhere
+    assert not process_gone({**gone, "machine": "elsewhere/boot/pid:[1]"})
+    assert process_gone({**gone, "machine": this_machine()}) and not process_gone({"pid": os.getpid(), "machine": this_machine()})
+    storage.write_json(lease, {**gone, "machine": "elsewhere/boot/pid:[1]", "heartbeat": time.time() - STALE_S - 5})
+    with caplog.at_level("INFO", logger="tfpipe"), stage_lease(root, "train", fp, log_every=0.2):
+        assert storage.read_json(lease)["pid"] == os.getpid()
+    assert f"taking over the lease of pid {gone['pid']} on elsewhere (no heartbeat for 9" in caplog.text

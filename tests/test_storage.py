@@ -23,29 +23,6 @@ def sets(values: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server with the bucket `tfp`; the standard AWS variables point at it (for subprocesses too)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket="tfp")
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gcs():
     """gcp-storage-emulator with the bucket `tfg`; STORAGE_EMULATOR_HOST points gcsfs at it."""
     with socket.socket() as s:
@@ -146,6 +123,7 @@ def test_killed_on_one_machine_resumes_on_another_with_an_empty_scratch(s3, tmp_
     artifact = json.loads(result.stdout)
     assert artifact["resumed_from_epoch"] >= 1, result.stderr[-3000:]
     assert "fetched the checkpoints of an earlier run" in result.stderr
+    assert "(its process is gone)" in result.stderr  # the lease of the killed run, on this same host: no 90 s wait
     assert [h["epoch"] for h in storage.read_json(f"{artifact['uri']}/history.json")["epochs"]] == [1, 2, 3, 4]
 
 
