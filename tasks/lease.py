@@ -53,8 +53,8 @@ def process_gone(info: dict) -> bool:
         os.kill(int(info["pid"]), 0)
     except ProcessLookupError:
         return True
-    except (OSError, KeyError, ValueError):
-        return False
+    except (OSError, KeyError, ValueError):  # another user's process, or no pid recorded: not known to be gone
+        pass
     return False
 
 

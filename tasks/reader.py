@@ -39,6 +39,11 @@ def encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.Te
     return labels
 
 
+def batch_count(records: int, batch_size: int, drop_remainder: bool) -> int:
+    """Batches `records` make: the last one short, or left out with `drop_remainder`."""
+    return records // batch_size if drop_remainder else -(-records // batch_size)
+
+
 def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuffle_buffer: int | None = None,
                  seed: int | None = None, label_mode: str = "sparse", files: list[str] | None = None,
                  raw_uint8: bool = False, record_shard: tuple[int, int] | None = None,
@@ -68,8 +73,7 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if files is None:  # known length: Keras sizes its epochs without running out of data
         count = dataset.counts[split] if records is None else min(records, dataset.counts[split])
-        batches = count // batch_size if drop_remainder else -(-count // batch_size)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batch_count(count, batch_size, drop_remainder)))
     image_shape, num_classes = dataset.image_shape, dataset.num_classes
     augment = augment if augment is not None and augment.enabled else None
     weights = tf.constant(class_weights, tf.float32) if class_weights is not None else None

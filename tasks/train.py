@@ -36,7 +36,7 @@ from tasks.devices import make_strategy, resolve_precision, strategy_devices, st
 from tasks.errors import PipelineError, Stopped
 from tasks.model import build_model, portable_copy
 from tasks.progress import on_terminal, progress_bar
-from tasks.reader import make_dataset, per_worker_dataset_fn
+from tasks.reader import batch_count, make_dataset, per_worker_dataset_fn
 
 log = logging.getLogger("tfpipe.train")
 
@@ -406,7 +406,7 @@ def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: 
 
 def steps_per_epoch(records: int, batch_size: int, replicas: int) -> int:
     """Batches in one epoch: every record, or on several replicas whole batches only (see training_inputs)."""
-    return records // batch_size if replicas > 1 else -(-records // batch_size)
+    return batch_count(records, batch_size, drop_remainder=replicas > 1)
 
 
 def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -> dict:
