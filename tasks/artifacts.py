@@ -103,8 +103,12 @@ def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict
             if read_manifest(final) is not None and not replace:  # another run published the same content first
                 shutil.rmtree(tmp)
                 return read_manifest(final)
-            # A leftover without a complete manifest, or the output a rebuild replaces: moved aside, the new one
-            # renamed in, then the old one deleted (readers see one whole output or, for an instant, none).
+            # A leftover without a complete manifest, or the output a rebuild replaces: swapped with the new one in
+            # one step, so readers see one whole output or the other, then deleted. Where the filesystem cannot
+            # swap: moved aside and the new one renamed in (for an instant, no output).
+            if storage.exchange(tmp, final):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return manifest
             old = f"{tmp}-replaced"
             os.rename(final, old)
             os.rename(tmp, final)

@@ -10,7 +10,9 @@ Local roots use `filelock` (flock). An object store has no locks: there the leas
 (`<root>/.leases/<stage>-<fingerprint>.json`) made with a conditional create, whose holder rewrites its heartbeat
 every `HEARTBEAT_S`; a lease whose heartbeat is older than `STALE_S` belonged to a run that died, and is taken
 over. A run on the same machine need not wait that long: the lease names the holder's machine (host, boot and pid
-namespace), and where that is this one, a holder whose process is gone is taken over at once.
+namespace), and where that is this one, a holder whose process is gone is taken over at once. Of several waiters
+that find one dead lease, only one removes it (`take_over`); a holder checks that the lease is still its own
+before each heartbeat and before removing it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Iterator
 
 from filelock import FileLock, Timeout
@@ -107,7 +110,7 @@ def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> 
 
     path = storage.join(root, LEASES, f"{stage}-{fingerprint}.json")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "machine": this_machine(), "since": time.time(),
-          "heartbeat": time.time()}
+          "heartbeat": time.time(), "token": uuid.uuid4().hex}
     started, logged = time.monotonic(), time.monotonic()
     while True:
         try:
@@ -121,10 +124,10 @@ def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> 
             silent = time.time() - info.get("heartbeat", 0)
             if silent > STALE_S or process_gone(info):
                 why = f"no heartbeat for {silent:.0f}s" if silent > STALE_S else "its process is gone"
-                log.warning("%s %s: taking over the lease of pid %s on %s (%s)", stage, fingerprint[:12],
-                            info.get("pid"), info.get("host"), why)
-                storage.remove(path)
-                continue
+                if take_over(path, info):
+                    log.warning("%s %s: took over the lease of pid %s on %s (%s)", stage, fingerprint[:12],
+                                info.get("pid"), info.get("host"), why)
+                    continue
             if time.monotonic() - logged >= log_every:
                 logged = time.monotonic()
                 log.info("%s %s: waiting for the run that is building it (pid %s on %s); waited %.0fs", stage,
@@ -134,6 +137,10 @@ def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> 
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_S):
+            if not _still_mine(path, me["token"]):
+                log.warning("%s %s: another run took over this run's lease (its heartbeat was late); this run "
+                            "goes on, and publishing stays all-or-nothing", stage, fingerprint[:12])
+                return
             storage.write_json(path, {**me, "heartbeat": time.time()})
 
     heart = threading.Thread(target=beat, daemon=True, name="tfpipe-lease-heartbeat")
@@ -143,7 +150,41 @@ def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> 
     finally:
         stop.set()
         heart.join(timeout=5)
-        storage.remove(path)
+        if _still_mine(path, me["token"]):
+            storage.remove(path)
+        for name in storage.listdir(storage.join(root, LEASES)):
+            if name.startswith(f"{stage}-{fingerprint}.takeover-"):
+                storage.remove(storage.join(root, LEASES, name))
+
+
+def take_over(path: str, dead: dict) -> bool:
+    """Remove the lease `dead` (read from `path`) of a holder that is gone, unless another waiter does. S3 has no
+    delete-if-unchanged everywhere, so waiters race for a marker named after that lease (create-only): only its
+    creator deletes the lease. A second waiter that read the same dead lease cannot then delete the lease the
+    first one makes next. The markers go when the next holder releases."""
+    from tasks import storage
+
+    token = dead.get("token") or f"{dead.get('pid')}-{dead.get('since')}"
+    marker = f"{path.removesuffix('.json')}.takeover-{token}"
+    try:
+        storage.write_json(marker, {"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()},
+                           create_only=True)
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            if time.time() - storage.read_json(marker)["at"] > STALE_S:
+                storage.remove(marker)  # its maker died before removing the lease: the waiters race again
+        return False
+    storage.remove(path)
+    return True
+
+
+def _still_mine(path: str, token: str) -> bool:
+    from tasks import storage
+
+    try:
+        return storage.read_json(path).get("token") == token
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def is_held(root: str, stage: str, fingerprint: str) -> bool:

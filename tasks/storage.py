@@ -10,6 +10,8 @@ local directory (`artifacts.local_cache`).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -78,6 +80,23 @@ def write_json(path: str, value: Any, create_only: bool = False) -> None:
             os.replace(tmp, p)
         return
     fs.pipe_file(p, data, mode="create" if create_only else "overwrite")
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two local paths in one step (Linux renameat2 with RENAME_EXCHANGE), so that a reader of either sees
+    the old or the new entry, never none. False where the system or the filesystem cannot swap."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), a)
 
 
 def sha256(path: str) -> str:

@@ -91,3 +91,47 @@ def test_a_rerun_removes_temporary_dirs_of_killed_attempts(tmp_path):
     published = reuse_or_publish(str(root), "stage", "a" * 64, lambda tmp: {"fresh": True})
     assert not published.cache_hit and published.manifest["fresh"] is True
     assert not any(d.exists() for d in dead) and other.exists()
+
+
+def test_a_rebuild_swaps_the_new_output_in_without_an_instant_of_none(tmp_path, monkeypatch):
+    """--rerun replaces a published output: a reader at any moment finds the old output or the new one, whole."""
+    from tasks import storage
+
+    root = str(tmp_path / "root")
+
+    def write(text):
+        def fill(tmp):
+            with open(os.path.join(tmp, "data.txt"), "w") as f:
+                f.write(text)
+            return {"text": text}
+        return fill
+
+    publish(root, "stage", "abc", write("old"))
+    final = os.path.join(root, "stage", "abc")
+    readers_saw = []
+
+    def then_read(step):  # after each step that moves directories, a reader looks at the output
+        def wrapped(*args, **kwargs):
+            result = step(*args, **kwargs)
+            readers_saw.append(read_manifest(final))
+            return result
+        return wrapped
+
+    for name in ("rename", "replace", "rmdir"):
+        monkeypatch.setattr(os, name, then_read(getattr(os, name)))
+    monkeypatch.setattr(storage, "exchange", then_read(storage.exchange))
+    assert publish(root, "stage", "abc", write("new"), replace=True)["text"] == "new"
+    assert readers_saw and all(m is not None for m in readers_saw), readers_saw
+    assert open(os.path.join(final, "data.txt")).read() == "new" and read_manifest(final)["text"] == "new"
+    assert os.listdir(os.path.join(root, "stage")) == ["abc"]  # the old output is gone
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    from tasks.storage import exchange
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "from-a").touch(), (tmp_path / "b" / "from-b").touch()
+    assert exchange(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert os.listdir(tmp_path / "a") == ["from-b"] and os.listdir(tmp_path / "b") == ["from-a"]
+    with pytest.raises(FileNotFoundError):
+        exchange(str(tmp_path / "a"), str(tmp_path / "missing"))

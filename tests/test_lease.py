@@ -8,7 +8,7 @@ import threading
 import time
 
 from tasks import storage
-from tasks.lease import STALE_S, holder, is_held, lease_path, process_gone, stage_lease, this_machine
+from tasks.lease import STALE_S, holder, is_held, lease_path, process_gone, stage_lease, take_over, this_machine
 from tests.conftest import REPO
 
 
@@ -69,7 +69,7 @@ def test_an_object_lease_of_a_killed_process_on_this_machine_is_taken_over_at_on
         if proc.poll() is None:
             proc.kill()
     assert f"waiting for the run that is building it (pid {proc.pid} on " in caplog.text
-    assert f"taking over the lease of pid {proc.pid} on " in caplog.text and "(its process is gone)" in caplog.text
+    assert f"took over the lease of pid {proc.pid} on " in caplog.text and "(its process is gone)" in caplog.text
     assert not storage.exists(lease)
 
 
@@ -85,4 +85,50 @@ def test_an_object_lease_of_another_machine_is_taken_over_only_once_its_heartbea
     storage.write_json(lease, {**gone, "machine": "elsewhere/boot/pid:[1]", "heartbeat": time.time() - STALE_S - 5})
     with caplog.at_level("INFO", logger="tfpipe"), stage_lease(root, "train", fp, log_every=0.2):
         assert storage.read_json(lease)["pid"] == os.getpid()
-    assert f"taking over the lease of pid {gone['pid']} on elsewhere (no heartbeat for 9" in caplog.text
+    assert f"took over the lease of pid {gone['pid']} on elsewhere (no heartbeat for 9" in caplog.text
+
+
+def test_two_waiters_that_read_one_dead_lease_leave_one_holder(s3):
+    """Both waiters find the same dead lease; the first takes it over and makes its own. The second, acting on
+    what it read before, must not delete the first one's lease (three runs of one fingerprint at once)."""
+    root, fp = "s3://tfp/leases", "a" * 64
+    lease = storage.join(root, ".leases", f"train-{fp}.json")
+    storage.write_json(lease, {"pid": 1, "host": "elsewhere", "machine": "elsewhere/boot/pid:[1]", "token": "dead",
+                               "since": time.time() - 300, "heartbeat": time.time() - STALE_S - 5})
+    read_by_first, read_by_second = storage.read_json(lease), storage.read_json(lease)
+    assert take_over(lease, read_by_first)
+    with stage_lease(root, "train", fp):
+        held = storage.read_json(lease)
+        assert held["pid"] == os.getpid() and held["token"] != "dead"
+        assert not take_over(lease, read_by_second)
+        assert storage.read_json(lease) == held
+    assert storage.listdir(storage.join(root, ".leases")) == []  # the lease and the takeover marker are gone
+
+
+def test_a_holder_whose_lease_was_taken_over_neither_beats_over_nor_removes_the_new_one(s3, monkeypatch, caplog):
+    """A holder that stalled past STALE_S was taken over: its heartbeat and its release leave the new lease."""
+    monkeypatch.setattr("tasks.lease.HEARTBEAT_S", 0.1)
+    root, fp = "s3://tfp/leases", "b" * 64
+    lease = storage.join(root, ".leases", f"train-{fp}.json")
+    with caplog.at_level("INFO", logger="tfpipe"), stage_lease(root, "train", fp):
+        newer = {**storage.read_json(lease), "pid": 2, "host": "elsewhere", "token": "newer"}
+        storage.write_json(lease, newer)
+        time.sleep(0.5)
+        assert storage.read_json(lease) == newer
+    assert storage.read_json(lease) == newer
+    assert "another run took over this run's lease" in caplog.text
+    storage.remove(lease)
+
+
+def test_a_takeover_marker_whose_maker_died_before_removing_the_lease_is_raced_for_again(s3):
+    root, fp = "s3://tfp/leases", "c" * 64
+    lease = storage.join(root, ".leases", f"train-{fp}.json")
+    dead = {"pid": 1, "host": "elsewhere", "token": "dead", "since": 0, "heartbeat": 0}
+    storage.write_json(lease, dead)
+    marker = storage.join(root, ".leases", f"train-{fp}.takeover-dead")
+    storage.write_json(marker, {"pid": 3, "host": "elsewhere", "at": time.time() - 5})
+    assert not take_over(lease, dead) and storage.exists(marker)  # its maker may be removing the lease now
+    storage.write_json(marker, {"pid": 3, "host": "elsewhere", "at": time.time() - STALE_S - 5})
+    assert not take_over(lease, dead) and not storage.exists(marker)  # it died: the marker goes
+    assert take_over(lease, dead) and not storage.exists(lease)
+    storage.remove(marker)
