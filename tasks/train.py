@@ -584,11 +584,12 @@ class EpochRecorder:
                               f"{steps} batches; checkpoint saved ({path}): run the same command again to resume")
 
     def end_epoch(self, epoch: int, logs: dict, train_seconds: float, wall_seconds: float) -> None:
-        train_count = self.run.dataset.counts["train"]
+        # on several replicas an epoch trains whole batches only: less than one batch of the split is left out
+        trained = min(self.run.dataset.counts["train"], self.run.steps_per_epoch * self.run.cfg.train.batch_size)
         if self.plateau is not None:  # first: the record holds the rate the next epoch trains with
             self.plateau.update(epoch, logs)
         record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}, "train_seconds": train_seconds,
-                  "wall_seconds": wall_seconds, "images_per_second": train_count / max(train_seconds, 1e-9),
+                  "wall_seconds": wall_seconds, "images_per_second": trained / max(train_seconds, 1e-9),
                   "learning_rate": current_learning_rate(self.run.optimizer)}  # the rate the next step applies
         self.history.append(record)
         if self.early is not None:
