@@ -29,6 +29,8 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
+from tasks import storage
+
 log = logging.getLogger("tfpipe.lease")
 
 LEASES = ".leases"
@@ -106,8 +108,6 @@ def stage_lease(root: str, stage: str, fingerprint: str, log_every: float = 30.0
 
 @contextlib.contextmanager
 def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> Iterator[None]:
-    from tasks import storage
-
     path = storage.join(root, LEASES, f"{stage}-{fingerprint}.json")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "machine": this_machine(), "since": time.time(),
           "heartbeat": time.time(), "token": uuid.uuid4().hex}
@@ -152,8 +152,9 @@ def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> 
         heart.join(timeout=5)
         if _still_mine(path, me["token"]):
             storage.remove(path)
+        markers = os.path.basename(takeover_marker(path, ""))
         for name in storage.listdir(storage.join(root, LEASES)):
-            if name.startswith(f"{stage}-{fingerprint}.takeover-"):
+            if name.startswith(markers):
                 storage.remove(storage.join(root, LEASES, name))
 
 
@@ -162,10 +163,7 @@ def take_over(path: str, dead: dict) -> bool:
     delete-if-unchanged everywhere, so waiters race for a marker named after that lease (create-only): only its
     creator deletes the lease. A second waiter that read the same dead lease cannot then delete the lease the
     first one makes next. The markers go when the next holder releases."""
-    from tasks import storage
-
-    token = dead.get("token") or f"{dead.get('pid')}-{dead.get('since')}"
-    marker = f"{path.removesuffix('.json')}.takeover-{token}"
+    marker = takeover_marker(path, dead.get("token") or f"{dead.get('pid')}-{dead.get('since')}")
     try:
         storage.write_json(marker, {"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()},
                            create_only=True)
@@ -178,9 +176,12 @@ def take_over(path: str, dead: dict) -> bool:
     return True
 
 
-def _still_mine(path: str, token: str) -> bool:
-    from tasks import storage
+def takeover_marker(path: str, token: str) -> str:
+    """The marker of the lease at `path` whose token is `token`, beside it."""
+    return f"{path.removesuffix('.json')}.takeover-{token}"
 
+
+def _still_mine(path: str, token: str) -> bool:
     try:
         return storage.read_json(path).get("token") == token
     except (FileNotFoundError, ValueError):

@@ -129,8 +129,9 @@ def test_a_rebuild_swaps_the_new_output_in_without_an_instant_of_none(tmp_path, 
 def test_exchange_swaps_two_directories(tmp_path):
     from tasks.storage import exchange
 
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    (tmp_path / "a" / "from-a").touch(), (tmp_path / "b" / "from-b").touch()
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / f"from-{side}").touch()
     assert exchange(str(tmp_path / "a"), str(tmp_path / "b"))
     assert os.listdir(tmp_path / "a") == ["from-b"] and os.listdir(tmp_path / "b") == ["from-a"]
     with pytest.raises(FileNotFoundError):
