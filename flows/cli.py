@@ -249,16 +249,27 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what w
                f"{cfg.artifacts.root}")
 
 
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
 @contextlib.contextmanager
 def _prefect_errors_are_one_line():
-    """A Prefect server that refuses this client (auth), or went away for good (after the client's retries): one
-    line, exit 1, at once."""
+    """A temporary Prefect server that did not start in time, a Prefect server that refuses this client (auth), or
+    one that went away for good (after the client's retries): one line, exit 1, at once."""
     import httpx
 
     from tasks.errors import first_line
 
     try:
         yield
+    except RuntimeError as exc:
+        if not str(exc).startswith(EPHEMERAL_TIMEOUT):
+            raise
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+
+        _fail(f"error: Prefect's temporary server did not answer within {timeout.value()} s "
+              f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS): start a server (prefect server start) and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api, or raise that timeout", 1)
     except httpx.HTTPStatusError as exc:  # prefect.exceptions.PrefectHTTPStatusError is one
         if exc.response.status_code not in (401, 403):
             raise

@@ -99,11 +99,23 @@ def quiet_python_logs() -> None:
         logging.getLogger(name).addFilter(NO_TRACEBACK_FOR_USER_ERRORS)
 
 
+QUIET_ENV = "TFPIPE_QUIET"  # set by a quiet CLI for the processes it starts (Dask workers, training workers)
+
+
+def quiet_child_logs() -> None:
+    """In a process a quiet CLI started: a user error's traceback stays out of the shared stderr there too."""
+    if os.environ.get(QUIET_ENV) == "1":
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(NO_TRACEBACK_FOR_USER_ERRORS)
+
+
 def configure(argv: list[str]) -> bool:
     """Quiet unless -v/--verbose is among the arguments; returns whether verbose."""
     verbose = verbose_requested(argv)
+    os.environ[QUIET_ENV] = "0" if verbose else "1"  # inherited by the processes this one starts
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # a LocalCluster's start and stop notes
         quiet_native_logs()
         quiet_python_logs()
     return verbose

@@ -28,10 +28,10 @@ def batch_predict_task(config_file: str | None, overrides: dict[str, Any] | None
 
 @task(name="predict-file", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def predict_file_task(config_file: str | None, overrides: dict[str, Any] | None, model_fingerprint: str,
-                      input_file: str, output_dir: str, threads: int) -> dict:
+                      input_file: str, output_dir: str, threads: int, overwrite: bool) -> dict:
     """One input file into its part, on a Dask worker (which keeps the model loaded for its next files)."""
     cfg = load_config(config_file, overrides)
-    return parts.predict_part(cfg, model_fingerprint, input_file, output_dir, threads)
+    return parts.predict_part(cfg, model_fingerprint, input_file, output_dir, threads, overwrite)
 
 
 @flow(name="batch-prediction")
@@ -40,12 +40,13 @@ def batch_prediction(model: str = "champion", input: str = "data/mnist/test.parq
                      overrides: dict[str, Any] | None = None, overwrite: bool = False) -> PredictionArtifact | dict:
     """`overwrite` replaces an existing output, only one tfpipe wrote. Served by `tfpipe serve`, every parameter
     is checked first against its `serve` settings (tasks/policy.py)."""
-    config_file, overrides = served_call(config_file, overrides, model=model, input=input, output=output)
+    config_file, overrides = served_call(config_file, overrides, model=model, input=input, output=output,
+                                         allow_unblessed=allow_unblessed, overwrite=overwrite)
     cfg = load_config(config_file, overrides)
     try:
         if cfg.predict.engine == "dask":
             parts.check_output_dir(output, overwrite)
-            return _on_dask(cfg, config_file, overrides, model, input, output, allow_unblessed)
+            return _on_dask(cfg, config_file, overrides, model, input, output, allow_unblessed, overwrite)
         artifact = batch_predict_task(config_file, overrides, model, input, output, allow_unblessed, overwrite)
         get_run_logger().info("wrote %d predictions to %s", artifact.rows, artifact.output)
         dashboard.markdown("batch-prediction", description="latest on-demand batch prediction", text=(
@@ -57,7 +58,7 @@ def batch_prediction(model: str = "champion", input: str = "data/mnist/test.parq
 
 
 def _on_dask(cfg: PipelineConfig, config_file, overrides, model: str, input: str, output: str,
-             allow_unblessed: bool) -> dict:
+             allow_unblessed: bool, overwrite: bool) -> dict:
     """Resolve the model and the files once, then score the files on the cluster as a subflow whose task runner
     is Dask (an existing scheduler, or a LocalCluster of processes with one thread each)."""
     from prefect_dask import DaskTaskRunner
@@ -67,16 +68,32 @@ def _on_dask(cfg: PipelineConfig, config_file, overrides, model: str, input: str
     pc = cfg.predict
     workers = pc.dask_workers or parts.default_workers()
     runner = DaskTaskRunner(address=pc.dask_address) if pc.dask_address else DaskTaskRunner(cluster_kwargs={
-        "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+        "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+        "env": worker_environment()})
     threads = max(1, parts.default_workers() // workers)
-    return score_files.with_options(task_runner=runner)(config_file, overrides, fingerprint, files, output, threads)
+    return score_files.with_options(task_runner=runner)(config_file, overrides, fingerprint, files, output, threads,
+                                                        overwrite)
+
+
+def worker_environment() -> dict[str, str]:
+    """What the LocalCluster's workers need beyond this process's environment: where this run's Prefect server is.
+    Without PREFECT_API_URL every worker process would start a temporary server of its own (15-20 s each on a
+    cold machine), and its task runs would not show on this run's server."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return {}
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the temporary server this process started for the run
+    return {"PREFECT_API_URL": server.api_url} if server.running else {}
 
 
 @flow(name="batch-prediction-dask")
 def score_files(config_file: str | None, overrides: dict[str, Any] | None, model_fingerprint: str, files: list[str],
-                output_dir: str, threads: int) -> dict:
+                output_dir: str, threads: int, overwrite: bool = False) -> dict:
     cfg = load_config(config_file, overrides)
-    futures = {f: predict_file_task.submit(config_file, overrides, model_fingerprint, f, output_dir, threads)
+    futures = {f: predict_file_task.submit(config_file, overrides, model_fingerprint, f, output_dir, threads, overwrite)
                for f in files}
     done, failures = [], []
     for input_file, future in futures.items():

@@ -31,7 +31,7 @@ def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] 
                       rerun: str | None = None) -> RunSummary:
     """`rerun`: a stage (ingest, train, evaluate, predict, all) rebuilt with the stages after it, even when published."""
     started = time.perf_counter()
-    config_file, overrides = served_call(config_file, overrides)  # under tfpipe serve: what callers may set
+    config_file, overrides = served_call(config_file, overrides, rerun=rerun)  # under tfpipe serve: what callers may set
     cfg = load_config(config_file, {**(overrides or {}), **({"rerun": rerun} if rerun else {})})
     check_reachable(cfg.artifacts.root)  # a wrong bucket or missing credentials: one line, before any work
     configure_devices(cfg.train)  # before the first TensorFlow op of this process (multi_worker: the strategy)

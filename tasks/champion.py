@@ -43,11 +43,15 @@ def current_champion(root: str) -> dict | None:
     return (read_champion(root) or {}).get("current")
 
 
+def champion_entries(root: str) -> list[dict]:
+    """The champion's entry and those of the champions it replaced, newest first."""
+    champion = read_champion(root) or {}
+    return ([champion["current"]] if champion.get("current") else []) + champion.get("history", [])
+
+
 def blessed_models(root: str) -> set[str]:
     """Fingerprints of every model the gate ever blessed (the champion and those it replaced)."""
-    champion = read_champion(root) or {}
-    entries = ([champion["current"]] if champion.get("current") else []) + champion.get("history", [])
-    return {e["model_fingerprint"] for e in entries}
+    return {e["model_fingerprint"] for e in champion_entries(root)}
 
 
 def promote(root: str, entry: dict) -> bool:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pipeline_config import ArtifactsConfig
 from tasks.artifacts import published_outputs, read_manifest
-from tasks.champion import read_champion
-from tasks.lease import LEASES, is_held
+from tasks.champion import champion_entries
+from tasks.lease import LEASES, is_held, remove_free_lease
 
 STAGES = ("ingest", "train", "evaluate", "predict")
 
@@ -43,12 +43,11 @@ def _held_prefix(root: str, stage: str, prefix: str) -> bool:
 
 def needed_by_champions(root: str) -> set[str]:
     """Fingerprints (of any stage) that the champion and its history point at."""
-    champion = read_champion(root) or {}
-    entries = ([champion["current"]] if champion.get("current") else []) + champion.get("history", [])
     needed = set()
-    for entry in entries:
-        needed.update({entry["model_fingerprint"], entry.get("dataset_fingerprint", "")})
-        needed.add(Path(entry.get("evaluation_uri", "")).name)
+    for entry in champion_entries(root):
+        # a model promoted by hand before any evaluation has evaluation_uri None (and may lack the others)
+        needed.update({entry["model_fingerprint"], entry.get("dataset_fingerprint") or "",
+                       Path(entry.get("evaluation_uri") or "").name})
     return needed - {""}
 
 
@@ -99,7 +98,8 @@ def remove(removals: list[Removal]) -> int:
     for r in removals:
         if r.path.is_dir():
             shutil.rmtree(r.path, ignore_errors=True)
+        elif r.path.suffix == ".lock":
+            remove_free_lease(str(r.path))  # as a holder does: never the file a run locked since plan() looked
         else:
             r.path.unlink(missing_ok=True)
-            Path(f"{str(r.path).removesuffix('.lock')}.json").unlink(missing_ok=True)
     return sum(r.bytes for r in removals)

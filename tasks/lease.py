@@ -4,9 +4,13 @@ A second run of the same work (a scheduled run overlapping an on-demand one) wai
 and then finds the first run's output published: a cache hit. A lease dies with its holder: the operating system
 releases the lock of a killed process, so the next run takes it over and resumes from the checkpoints the dead
 run left. Leases live in `<root>/.leases/` (`<stage>-<fingerprint>.lock`, and beside it a `.json` naming the
-holder); `tfpipe gc` removes the ones nobody holds.
+holder).
 
-Local roots use `filelock` (flock). An object store has no locks: there the lease is an object
+Local roots use flock on the `.lock` file, which its holder removes on release (and `.leases/`, and the root,
+when that leaves them empty and this lease made them), so a run that was refused leaves the root as it found
+it: only a killed holder leaves a lock file, which the next holder of that lease (or `tfpipe gc`) removes. A
+waiter that locked a file its holder removed meanwhile finds the path gone or holding a new file, and tries
+again. An object store has no locks: there the lease is an object
 (`<root>/.leases/<stage>-<fingerprint>.json`) made with a conditional create, whose holder rewrites its heartbeat
 every `HEARTBEAT_S`; a lease whose heartbeat is older than `STALE_S` belonged to a run that died, and is taken
 over. A run on the same machine need not wait that long: the lease names the holder's machine (host, boot and pid
@@ -18,6 +22,7 @@ before each heartbeat and before removing it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -26,8 +31,6 @@ import threading
 import time
 import uuid
 from typing import Iterator
-
-from filelock import FileLock, Timeout
 
 from tasks import storage
 
@@ -86,16 +89,15 @@ def stage_lease(root: str, stage: str, fingerprint: str, log_every: float = 30.0
             yield
         return
     path = lease_path(root, stage, fingerprint)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    lock = FileLock(f"{path}.lock")
-    started = time.monotonic()
-    while True:
-        try:
-            lock.acquire(timeout=log_every)
-            break
-        except Timeout:
+    made = [d for d in (root, os.path.dirname(path)) if not os.path.isdir(d)]
+    lock = FileLease(f"{path}.lock")
+    started, logged = time.monotonic(), time.monotonic()
+    while not lock.acquire():
+        if time.monotonic() - logged >= log_every:
+            logged = time.monotonic()
             log.info("%s %s: waiting for the run that is building it (%s); waited %.0fs", stage, fingerprint[:12],
                      holder(path), time.monotonic() - started)
+        time.sleep(min(0.1, log_every))
     try:
         with open(f"{path}.json", "w") as f:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
@@ -104,6 +106,58 @@ def stage_lease(root: str, stage: str, fingerprint: str, log_every: float = 30.0
         with contextlib.suppress(OSError):
             os.remove(f"{path}.json")
         lock.release()
+        for directory in reversed(made):  # only when empty: another run's lease or output keeps them
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+
+
+class FileLease:
+    """An flock on a file that its holder removes on release. Between a waiter's open and its lock, the holder
+    may remove the file (and a third run make a new one): the waiter holds the lease only if the path still
+    names the file it locked."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def acquire(self) -> bool:
+        """Take the lease if nobody holds it (without waiting); True when taken."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # .leases/ not there (yet, or pruned by a run that just released)
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                mine = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                mine = False
+            if mine:
+                self.fd = fd
+                return True
+            os.close(fd)  # its holder removed it after our open: the lease is another file now
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)  # while still locked: a waiter on this file then finds the path gone
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def remove_free_lease(lock_path: str) -> bool:
+    """Remove a lock file nobody holds (a killed holder's), the way a holder does; False when it is held."""
+    lock = FileLease(lock_path)
+    if not os.path.exists(lock_path) or not lock.acquire():
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(f"{lock_path.removesuffix('.lock')}.json")
+    lock.release()
+    return True
 
 
 @contextlib.contextmanager
@@ -192,13 +246,14 @@ def is_held(root: str, stage: str, fingerprint: str) -> bool:
     """Whether a live run holds this lease now (for clean-up, which must leave running work alone)."""
     if "://" in root:
         return False
-    path = f"{lease_path(root, stage, fingerprint)}.lock"
-    if not os.path.exists(path):
-        return False
-    lock = FileLock(path)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
+        fd = os.open(f"{lease_path(root, stage, fingerprint)}.lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    lock.release()
+    finally:
+        os.close(fd)  # closing drops the lock this probe took
     return False

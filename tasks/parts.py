@@ -88,8 +88,9 @@ def _predictor(cfg: PipelineConfig, model_fingerprint: str):
 
 
 def predict_part(cfg: PipelineConfig, model_fingerprint: str, input_file: str, output_dir: str,
-                 threads: int | None = None) -> dict:
-    """Score one input file into its part, or skip it when the part already holds this input with this model."""
+                 threads: int | None = None, overwrite: bool = False) -> dict:
+    """Score one input file into its part, or skip it when the part already holds this input with this model
+    (unless `overwrite`: --overwrite redoes every part)."""
     from tasks.predict import predict_into
 
     if threads:
@@ -97,7 +98,7 @@ def predict_part(cfg: PipelineConfig, model_fingerprint: str, input_file: str, o
     part = join(output_dir, part_name(input_file))
     input_hash = storage.file_identity(_source_file(cfg, input_file))
     done = _existing_part(part)
-    if done.get("input_hash") == input_hash and done.get("model_fingerprint") == model_fingerprint:
+    if not overwrite and done.get("input_hash") == input_hash and done.get("model_fingerprint") == model_fingerprint:
         return {"input": input_file, "input_hash": input_hash, "part": part_name(input_file), "rows": done["rows"],
                 "sha256": storage.sha256(part), "model_fingerprint": model_fingerprint, "skipped": True}
     predictor = _predictor(cfg, model_fingerprint)
@@ -140,8 +141,10 @@ def _existing_part(part: str) -> dict:
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """No silent overwrite: a finished output (with `_manifest.json`) is redone only with `overwrite`; a directory
-    holding files tfpipe did not write is refused. An unfinished one of ours is resumed."""
+    """No silent overwrite: a finished output (`_manifest.json` and every part it lists) is redone only with
+    `overwrite`; a directory holding files tfpipe did not write is refused. An unfinished one of ours is resumed:
+    that includes a finished one that lost parts since (deleted, a lifecycle rule), whose manifest no longer holds:
+    scoring the missing parts replaces nothing."""
     from tasks.predict import written_by_tfpipe
 
     present = storage.files_under(output_dir)
@@ -149,10 +152,16 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     if foreign:
         raise PipelineError(f"--output {output_dir} holds files tfpipe did not write ({', '.join(sorted(foreign)[:3])}): "
                             "they are left as they are; choose an empty or new output directory")
-    if MANIFEST in present:
-        if not overwrite:
-            raise PipelineError(f"--output {output_dir} already holds a finished prediction: pass --overwrite to redo it")
-        storage.remove(join(output_dir, MANIFEST))
+    if MANIFEST not in present:
+        return
+    listed = [p["part"] for p in storage.read_json(join(output_dir, MANIFEST)).get("parts", [])]
+    lost = [name for name in listed if name not in present]
+    if not lost and not overwrite:
+        raise PipelineError(f"--output {output_dir} already holds a finished prediction: pass --overwrite to redo it")
+    if lost and not overwrite:
+        log.warning("%s lost %d of the %d parts its manifest lists (%s): scoring the missing ones", output_dir,
+                    len(lost), len(listed), ", ".join(sorted(lost)[:3]))
+    storage.remove(join(output_dir, MANIFEST))  # not a finished output until the new one is written, last
 
 
 def write_manifest(output_dir: str, model_fingerprint: str, parts: list[dict], failures: list[dict],

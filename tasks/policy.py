@@ -84,21 +84,41 @@ class ServePolicy:
                                 f"({', '.join(places)}); allow more with {setting} on the serving side")
 
 
-def served_call(config_file: str | None, overrides: dict[str, Any] | None, model: str | None = None,
-                input: str | None = None, output: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
+def served_call(config_file: str | None, overrides: dict[str, Any] | None,
+                **parameters: Any) -> tuple[str | None, dict[str, Any] | None]:
     """A flow's parameters as it may use them: unchanged outside `tfpipe serve`; under it, checked against the
-    policy (raises PipelineError, before any work) and merged over the serving side's overrides."""
+    policy (raises PipelineError, before any work) and merged over the serving side's overrides. A flow passes
+    every one of its parameters: one this policy has no rule for is a programming error (TypeError), so a new
+    flow parameter cannot bypass it."""
+    unknown = set(parameters) - set(PARAMETER_RULES)
+    if unknown:
+        raise TypeError(f"served_call has no rule for flow parameter(s) {', '.join(sorted(unknown))}")
     policy = ServePolicy.from_env()
     if policy is None:
         return config_file, overrides
     config_file, overrides = policy.admit(config_file, overrides)
-    if model is not None:
-        policy.check_model(model)
-    if input is not None:
-        policy.check_input("input", input)
-    if output is not None:
-        policy.check_output("output", output)
+    for name, value in parameters.items():
+        PARAMETER_RULES[name](policy, name, value)
     return config_file, overrides
+
+
+def _caller_may_not_set(default: Any, why: str):
+    def check(policy: ServePolicy, name: str, value: Any) -> None:
+        if value != default:
+            raise PipelineError(f"served run refused: parameter {name}={value!r} cannot be set by a caller ({why})")
+    return check
+
+
+# One rule per flow parameter a served caller can pass (config_file and overrides: ServePolicy.admit).
+PARAMETER_RULES = {
+    "model": lambda policy, name, value: policy.check_model(value),
+    "input": lambda policy, name, value: policy.check_input(name, value),
+    "output": lambda policy, name, value: policy.check_output(name, value),
+    "overwrite": lambda policy, name, value: None,  # replaces only what tfpipe wrote, under serve.allowed_outputs
+    "rerun": _caller_may_not_set(None, "a served run reuses published outputs; rebuild with tfpipe run --rerun "
+                                       "on the serving side"),
+    "allow_unblessed": _caller_may_not_set(False, "the serving side's predict.allow_unblessed decides"),
+}
 
 
 def normalise(path: str) -> str:

@@ -54,7 +54,8 @@ EpochCallback = Callable[[dict], None]
 class MacroPrecisionRecall(keras.metrics.Metric):
     """Macro-averaged precision or recall over classes, from a confusion matrix accumulated over batches.
 
-    Works for integer labels, one-hot labels and a single sigmoid unit (two classes).
+    Works for integer labels, one-hot labels and a single sigmoid unit (two classes). `sample_weight`, when a
+    caller passes one, weights each example's count (training passes none: see `make_metrics`).
     """
 
     def __init__(self, num_classes: int, kind: str = "precision", label_mode: str = "sparse", name=None, **kwargs):
@@ -70,7 +71,9 @@ class MacroPrecisionRecall(keras.metrics.Metric):
         else:
             truth = tf.argmax(y_true, -1, output_type=tf.int32) if self.label_mode == "categorical" else tf.cast(tf.reshape(y_true, [-1]), tf.int32)
             guess = tf.argmax(y_pred, -1, output_type=tf.int32)
-        self.matrix.assign_add(tf.math.confusion_matrix(truth, guess, self.num_classes, dtype=self.matrix.dtype))
+        weights = None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]), self.matrix.dtype)
+        self.matrix.assign_add(tf.math.confusion_matrix(truth, guess, self.num_classes, weights=weights,
+                                                        dtype=self.matrix.dtype))
 
     def result(self):
         matrix = tf.convert_to_tensor(self.matrix)
@@ -104,6 +107,10 @@ def make_accuracy(loss: str, name: str = "accuracy") -> keras.metrics.Metric:
 
 
 def make_metrics(loss: str, num_classes: int, prefix: str = "") -> list[keras.metrics.Metric]:
+    """Accuracy, macro precision and recall: how often the model is right, counted per example in both styles.
+    Class weights (train.class_weight) shape the loss only: the custom loop updates these without the weights,
+    and fit gets them as `metrics`, which Keras updates without sample weights (`weighted_metrics` would get
+    them), so training accuracy reads like val_accuracy and the test accuracy."""
     mode = LABEL_MODES[loss]
     classes = 2 if mode == "binary" else num_classes
     return [make_accuracy(loss, f"{prefix}accuracy"),
@@ -727,9 +734,9 @@ def _fit(run: TrainingRun, start_epoch: int, start_step: int, recorder: EpochRec
         run.model.compile(optimizer=run.optimizer, loss=make_loss(tc.loss, label_smoothing=tc.label_smoothing),
                           metrics=make_metrics(tc.loss, run.dataset.num_classes))
     for epoch in range(start_epoch, tc.epochs):
-        if run.stop.signal is not None:
-            recorder.interrupt(epoch, 0)
         skip = start_step if epoch == start_epoch else 0
+        if run.stop.signal is not None:  # the batches a resumed epoch had trained stay done
+            recorder.interrupt(epoch, skip)
         hook = _EpochLog(run, recorder, skip)
         run.model.fit(run.train_input(epoch, skip), validation_data=run.val_data, epochs=epoch + 1,
                       initial_epoch=epoch, callbacks=[hook], shuffle=False, verbose=0)  # the reader shuffles
@@ -781,7 +788,7 @@ class CustomSteps:
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         self.train_loss.update_state(per_example)
         for metric in self.train_metrics:
-            metric.update_state(labels, predictions)
+            metric.update_state(labels, predictions)  # unweighted, as fit's (see make_metrics)
 
     def test(self, images, labels):
         predictions = self.run.model(images, training=False)

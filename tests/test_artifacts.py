@@ -63,12 +63,13 @@ def test_a_full_disk_gives_one_line_and_publishes_nothing(tmp_path):
     root.mkdir()
     tfpipe = f"{sys.executable} -m flows.cli"
     script = (f"mount -t tmpfs -o size=200k none {root} && {tfpipe} ingest --set artifacts.root={root} "
-              f"--set data.limit=300; echo ingest-exit $?; umount {root}; "
+              f"--set data.limit=300; echo ingest-exit $?; echo left:$(ls -A {root}); umount {root}; "
               f"mount -t tmpfs -o size=1m none {root} && {tfpipe} train --set artifacts.root={root} "
               f"--set data.limit=300 --set train.epochs=1; echo train-exit $?; find {root} -name manifest.json")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     out, err = proc.stdout.splitlines(), [line for line in proc.stderr.splitlines() if line.startswith("tfpipe: ")]
     assert "ingest-exit 1" in out and "train-exit 1" in out, proc.stdout + proc.stderr[-3000:]
+    assert "left:" in out  # the refused ingest left the root as it found it: empty, no .leases/ either
     for stage, line in zip(("ingest", "train"), err, strict=True):
         assert line == (f"tfpipe: error: no space left on the device while writing the {stage} output under {root}: "
                         "free space there, or point artifacts.root (TFPIPE_ARTIFACTS) at a larger disk; nothing "

@@ -54,3 +54,21 @@ def test_gc_dry_run_lists_and_gc_removes_only_what_nobody_needs(tmp_path):
     assert not list((root / ".leases").glob("*"))
     code, out, _ = invoke_cli(*args, "--dry-run")
     assert out.strip().splitlines() == [f"would free 0.0 MB in 0 item(s) under {root}"]
+
+
+def test_gc_after_promoting_a_model_that_was_never_evaluated(tmp_path):
+    """`tfpipe promote` of a model without an evaluation records evaluation_uri None: gc keeps that model (the
+    champion), its dataset and the newest model, and removes the model nobody needs."""
+    root = tmp_path / "artifacts"
+    sets = ["data.limit=200", "train.epochs=1", "train.batch_size=50", "artifacts.keep_last=1"]
+    cfg = make_config(root, *sets)
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    chosen = train(cfg, dataset)
+    time.sleep(0.05)
+    other = [train(make_config(root, *sets, f"train.seed={seed}"), dataset) for seed in (1, 2)]  # newer
+    code, _, err = invoke_cli("promote", chosen.fingerprint, "--reason", "no evaluation yet", "--set", f"artifacts.root={root}")
+    assert code == 0, err
+    code, out, err = invoke_cli("gc", "--set", f"artifacts.root={root}", "--set", "artifacts.keep_last=1")
+    assert code == 0, err + out
+    assert (root / "train" / chosen.fingerprint).exists() and (root / "ingest" / dataset.fingerprint).exists()
+    assert (root / "train" / other[1].fingerprint).exists() and not (root / "train" / other[0].fingerprint).exists()

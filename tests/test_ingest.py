@@ -165,7 +165,9 @@ def test_reader_batches_scaled_floats_and_one_hot(root):
 
 
 def assert_clean_failure(root, *overrides, match):
-    """The CLI fails with exit 1 and one line naming the problem, no traceback, and nothing under the root."""
+    """The CLI fails with exit 1 and one line naming the problem, no traceback, and leaves the root as it found
+    it: a root that did not exist still does not (no `.leases/` either), one that did holds what it held."""
+    before = sorted(root.rglob("*")) if root.exists() else None
     code, out, err = invoke_cli("ingest", "--set", f"artifacts.root={root}", *[a for o in overrides for a in ("--set", o)])
     assert code == 1, err
     lines = err.strip().splitlines()
@@ -173,6 +175,7 @@ def assert_clean_failure(root, *overrides, match):
     assert re.search(match, lines[0]), lines[0]
     assert "Traceback" not in err + out
     assert artifacts_under(root) == []
+    assert (sorted(root.rglob("*")) if root.exists() else None) == before
 
 
 def test_bad_input_missing_path(root, tmp_path):

@@ -74,16 +74,19 @@ def test_twenty_files_on_two_workers_equal_the_local_engine(prefect_server, bles
     assert sorted(r.name.rsplit("-", 1)[0] for r in per_file) == ["predict-file"] * 20  # one task run per file
     assert all(r.state.is_completed() for r in per_file)
 
-    # a finished output is not redone without overwrite; with it, after two parts were lost, only those two are scored
+    # a finished output is not redone without overwrite; after two parts were lost, the same command scores only
+    # those two (it replaces nothing, so no --overwrite); --overwrite redoes every part
     refused = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg),
                                return_state=True)
     assert refused.is_failed() and "already holds a finished prediction: pass --overwrite" in refused.message
     (out / "part-batch-05.parquet").unlink()
     (out / "part-batch-17.parquet").unlink()
-    again = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg),
-                             overwrite=True)
+    again = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg))
     assert sorted(p["part"] for p in again["parts"] if not p["skipped"]) == ["part-batch-05.parquet", "part-batch-17.parquet"]
-    assert again["rows"] == 1000
+    assert again["rows"] == 1000 and again["complete"]
+    redone = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg),
+                              overwrite=True)
+    assert not any(p["skipped"] for p in redone["parts"]) and len(redone["parts"]) == 20 and redone["rows"] == 1000
 
 
 def test_a_corrupt_file_fails_alone_and_no_manifest_is_written(prefect_server, blessed, tmp_path):
@@ -155,6 +158,16 @@ def test_cli_predict_with_the_dask_engine(prefect_server, blessed, tmp_path):
     assert result.stdout.strip().splitlines()[-1] == (f"60 predictions by model {model.fingerprint[:12]} in 3 parts "
                                                       f"under {tmp_path / 'out'}")
     assert "CommClosedError" not in result.stderr
+    # a corrupt file among them: its task fails, the run ends in one line, and no traceback reaches the terminal
+    # (the Dask workers, other processes on the same stderr, are quiet about user errors too)
+    data = (tmp_path / "in" / "batch-00.parquet").read_bytes()
+    (tmp_path / "in" / "batch-01.parquet").write_bytes(data[: len(data) // 2] + data[-2000:])
+    failed = run_cli("predict", "--set", f"artifacts.root={cfg.artifacts.root}", "--set", "predict.engine=dask",
+                     "--set", "predict.dask_workers=2", "--input", str(tmp_path / "in"),
+                     "--output", str(tmp_path / "out2"), env={"PREFECT_API_URL": prefect_server})
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines()[-1].startswith("tfpipe: error: 1 of 3 input files failed (")
+    assert "Traceback" not in failed.stderr and "batch-01.parquet" in failed.stderr.strip().splitlines()[-1]
 
 
 def test_a_cache_split_is_scored_one_part_per_shard(prefect_server, blessed, tmp_path):

@@ -59,6 +59,37 @@ def test_overrides_and_config_file(policy):
         served_call(str(policy / "my.yaml"), None)
 
 
+def test_every_served_flow_parameter_goes_through_the_policy(policy):
+    """A caller cannot force rebuilds (rerun) or predict with a model the gate refused (allow_unblessed), and a
+    flow parameter the policy has no rule for cannot be passed at all."""
+    import inspect
+
+    from flows.prediction import batch_prediction
+    from flows.training import training_pipeline
+    from tasks.policy import PARAMETER_RULES
+
+    for served in (training_pipeline, batch_prediction):
+        names = set(inspect.signature(served.fn).parameters) - {"config_file", "overrides"}
+        assert names <= set(PARAMETER_RULES), names - set(PARAMETER_RULES)
+    for name, value in [("rerun", "all"), ("rerun", "train"), ("allow_unblessed", True)]:
+        with pytest.raises(PipelineError) as caught:
+            served_call(None, None, **{name: value})
+        assert str(caught.value).startswith(f"served run refused: parameter {name}={value!r} cannot be set by a caller")
+    assert served_call(None, None, rerun=None, allow_unblessed=False, overwrite=True)[0] is None
+    with pytest.raises(TypeError, match="no rule for flow parameter"):
+        served_call(None, None, retries=3)
+
+
+def test_a_served_training_run_refuses_rerun_before_any_work(policy, prefect_server):
+    from flows.training import training_pipeline
+
+    state = training_pipeline(rerun="all", return_state=True)
+    assert state.is_failed()
+    assert state.message.endswith("served run refused: parameter rerun='all' cannot be set by a caller (a served run "
+                                  "reuses published outputs; rebuild with tfpipe run --rerun on the serving side)")
+    assert not (policy / "artifacts").exists()
+
+
 def test_no_policy_outside_serve(monkeypatch):
     monkeypatch.delenv(POLICY_ENV, raising=False)
     assert served_call("/any.yaml", {"artifacts.root": "/x"}, input="/etc/hostname", output="/tmp/x") == (

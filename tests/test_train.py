@@ -17,7 +17,7 @@ from tasks.reader import make_dataset
 from pipeline_config import ConfigError
 from tasks.model import load_model
 from tasks.train import make_loss, run_epochs, start_run, train
-from tests.conftest import REPO, invoke_cli, run_cli, make_config, mnist_arrays, write_parquet_source
+from tests.conftest import PLAIN_TRAINING, REPO, invoke_cli, run_cli, make_config, mnist_arrays, write_parquet_source
 
 
 def replica_values(variable):
@@ -267,6 +267,33 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_the_rerun_resumes(root, mode):
     assert [h["epoch"] for h in history["epochs"]] == [1, 2]
 
 
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_a_stop_before_the_first_batch_of_a_resumed_epoch_keeps_its_batches(root, mode):
+    """Resumed 3 batches into epoch 2 and stopped before the next batch: both styles record the 3 batches done,
+    so the next run does not train them again."""
+    from tasks.errors import Stopped
+
+    cfg = make_config(root, "data.limit=640", "train.batch_size=64", "train.epochs=2", f"train.mode={mode}")
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    run = start_run(cfg, dataset, make_strategy(cfg.train), ("float32", "set by the test"), "test")
+    interrupted = []
+
+    class Recorder:  # what run_epochs reports to
+        stop_reason = None
+
+        def end_epoch(self, epoch, logs, train_seconds, wall_seconds):
+            raise AssertionError("the stop signal came before the epoch's next batch")
+
+        def interrupt(self, epoch, steps):
+            interrupted.append((epoch, steps))
+            raise Stopped("stopped")
+
+    run.stop.signal = signal.SIGTERM
+    with pytest.raises(Stopped):
+        run_epochs(run, 1, 3, Recorder())
+    assert interrupted == [(1, 3)]
+
+
 def test_published_model_loads_in_plain_keras_in_a_fresh_process(trained, tmp_path):
     """model.keras as a team ships it: default load_model arguments, a process that imports nothing of tfpipe."""
     _, _, artifact = trained
@@ -446,3 +473,34 @@ def test_class_weights_come_from_the_training_histogram(tmp_path):
         class_weights(make_config(tmp_path / "root", "train.class_weight={12: 2.0}"), dataset)
     with pytest.raises(ConfigError, match="weights are > 0"):
         make_config(tmp_path / "root", "train.class_weight={3: 0}")
+
+
+@pytest.mark.parametrize("mode", ["fit", "custom"])
+def test_class_weights_scale_the_loss_and_leave_the_metrics_per_example(tmp_path, mode):
+    """One meaning in both styles: with train.class_weight, the training accuracy, precision and recall count
+    every example once (as val_accuracy and the test accuracy do). A learning rate of 1e-12 keeps the model as
+    it started (no dropout, no augmentation), so the epoch's metrics are those of the published model on the
+    training split, which the test computes; class 1 weighs 50, so the weighted figures would differ."""
+    from tasks.train import MacroPrecisionRecall
+
+    layers = "[{type: Flatten}, {type: Dense, units: 8, activation: relu}]"
+    cfg = make_config(tmp_path, "data.limit=600", "train.epochs=1", "train.batch_size=50", f"train.mode={mode}",
+                      "train.class_weight={1: 50.0}", "train.optimizer.learning_rate=1e-12", "train.precision=float32", f"model.layers={layers}",
+                      *[s for s in PLAIN_TRAINING if "learning_rate" not in s])
+    dataset = ingest(cfg.data, cfg.artifacts.root)
+    history = json.load(open(f"{train(cfg, dataset).uri}/history.json"))["epochs"][0]
+    model = load_model(f"{cfg.artifacts.root}/train/{os.listdir(f'{cfg.artifacts.root}/train')[0]}/model.keras")
+    images, labels = zip(*make_dataset(dataset, "train", 600))
+    labels = np.concatenate([l.numpy() for l in labels])
+    guess = np.concatenate([model.predict(i, verbose=0) for i in images]).argmax(-1)
+    right, weight = guess == labels, np.where(labels == 1, 50.0, 1.0)
+    assert history["accuracy"] == pytest.approx(right.mean(), abs=1e-6)
+    assert abs(right.mean() - (right * weight).sum() / weight.sum()) > 0.02  # the weighted figure is another one
+    recall = np.mean([right[labels == c].mean() for c in np.unique(labels)])
+    assert history["recall"] == pytest.approx(recall, abs=1e-5)
+    # sample_weight, when a caller passes it, weights the macro metrics' counts
+    metric = MacroPrecisionRecall(10, "recall")
+    metric.update_state(labels, np.eye(10)[guess], sample_weight=weight)
+    matrix = np.zeros((10, 10))
+    np.add.at(matrix, (labels, guess), weight)
+    np.testing.assert_allclose(metric.matrix.numpy(), matrix, rtol=1e-6)
