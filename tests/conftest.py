@@ -120,7 +120,6 @@ def s3():
     """A moto S3 server with the bucket `tfp`; the standard AWS variables point at it (for subprocesses too)."""
     import logging
 
-    import boto3
     from moto.server import ThreadedMotoServer
     from s3fs import S3FileSystem
 
@@ -132,8 +131,9 @@ def s3():
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket="tfp")
     S3FileSystem.clear_instance_cache()  # fsspec keeps one per process, with the endpoint of an earlier server
+    S3FileSystem().mkdir("tfp")  # the bucket, through the AWS_* variables just set
+    S3FileSystem.clear_instance_cache()
     yield env
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -20,18 +20,17 @@ SECRETS = (AUTH.split(":")[1], KEY_ID, SECRET)
 
 @pytest.fixture
 def s3_with_fake_keys():
-    import boto3
     from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
            "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEY_ID,
-                          aws_secret_access_key=SECRET, region_name="us-east-1")
-    client.create_bucket(Bucket="sec")
-    yield env, client
+    bucket = S3FileSystem(key=KEY_ID, secret=SECRET, endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    bucket.mkdir("sec")
+    yield env, bucket
     server.stop()
 
 
@@ -78,8 +77,8 @@ def test_auth_server_refuses_strangers_and_secrets_stay_out_of_artifacts_and_log
         assert {"scheduled-training", "on-demand"} <= names  # tfpipe serve with the string serves
 
         # every object in the bucket, every local file, the run's output and its logs on the server
-        written = [s3.get_object(Bucket="sec", Key=o["Key"])["Body"].read()
-                   for o in s3.list_objects_v2(Bucket="sec").get("Contents", [])]
+        s3.invalidate_cache()
+        written = [s3.cat_file(path) for path in s3.find("sec")]
         assert any(b'"stage": "train"' in body or b'"stage":"train"' in body for body in written)
         written += [p.read_bytes() for p in cache.rglob("*") if p.is_file()]
         written += [run.stdout.encode(), run.stderr.encode()]
