@@ -132,7 +132,9 @@ def s3():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     S3FileSystem.clear_instance_cache()  # fsspec keeps one per process, with the endpoint of an earlier server
-    S3FileSystem().mkdir("tfp")  # the bucket, through the AWS_* variables just set
+    # the bucket, through the AWS_* variables just set; moto keeps its buckets per process, across servers, so an
+    # earlier module's server may have made it already
+    S3FileSystem().makedirs("tfp", exist_ok=True)
     S3FileSystem.clear_instance_cache()
     yield env
     for k, v in saved.items():
