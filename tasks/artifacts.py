@@ -118,7 +118,7 @@ def publish(root: str, stage: str, fingerprint: str, write: Callable[[str], dict
         return manifest
     except BaseException:
         remove_tree(tmp)
-        prune_empty(*reversed(created))
+        storage.prune_empty(*reversed(created))
         raise
 
 
@@ -209,16 +209,6 @@ def remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         storage.remove(path)
-
-
-def prune_empty(*directories: str) -> None:
-    """Remove each directory if it is empty (children first)."""
-    for d in directories:
-        if is_local(d):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
 
 
 class ArtifactRef(BaseModel):

@@ -106,9 +106,7 @@ def stage_lease(root: str, stage: str, fingerprint: str, log_every: float = 30.0
         with contextlib.suppress(OSError):
             os.remove(f"{path}.json")
         lock.release()
-        for directory in reversed(made):  # only when empty: another run's lease or output keeps them
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
+        storage.prune_empty(*reversed(made))  # only when empty: another run's lease or output keeps them
 
 
 class FileLease:

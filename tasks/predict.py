@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from pipeline_config import PipelineConfig, fingerprint
 from tasks import storage
 from tasks.artifacts import (DatasetArtifact, PredictionArtifact, file_sha256, join, local_dataset, local_file,
-                             prune_empty, read_manifest, reuse_or_publish, stage_dir)
+                             read_manifest, reuse_or_publish, stage_dir)
 from tasks.champion import blessed_models, resolve_model
 from tasks.devices import resolve_precision
 from tasks.errors import PipelineError
@@ -249,7 +249,7 @@ def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path
             writer.close()
         tmp.unlink(missing_ok=True)
         if created_parent:
-            prune_empty(str(output_path.parent))
+            storage.prune_empty(str(output_path.parent))
         raise
     return rows
 

@@ -32,6 +32,16 @@ def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
+def prune_empty(*directories: str) -> None:
+    """Remove each local directory if it is empty (children first)."""
+    for d in directories:
+        if is_local(d):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
 def join(*parts: str) -> str:
     return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:] if p.strip("/")])
 
