@@ -48,16 +48,13 @@ def _setup(config: str | None, overrides: list[str] | None, rerun: str | None = 
         _fail(str(exc), 2)
 
 
-def _guarded(fn, as_json: bool = False):
-    """Run a command body; user errors become one line on stderr and an exit code, never a traceback.
-
-    With --json, anything the stages print (the custom loop's epoch lines) goes to stderr: stdout is the JSON.
-    """
+def _guarded(fn):
+    """Run a command body; user errors become one line on stderr and an exit code, never a traceback. The stages
+    print nothing (they log to stderr): stdout is the command's result alone."""
     from tasks.errors import PipelineError, Stopped
 
     try:
-        with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout):
-            return fn()
+        return fn()
     except ConfigError as exc:
         _fail(str(exc), 2)
     except Stopped as exc:
@@ -70,19 +67,22 @@ def _emit(artifact, as_json: bool, summary: str) -> None:
     typer.echo(artifact.to_json() if as_json else summary)
 
 
-def _ingest(cfg: PipelineConfig):
+def _ingest(cfg: PipelineConfig, then_train: bool = False):
     from tasks.storage import check_reachable
 
     check_reachable(cfg.artifacts.root)  # before TensorFlow loads: a wrong bucket is one line, at once
     from tasks.devices import configure_devices
+    from tasks.model import check_model_config
     from tasks.worker import ingest_for
 
     configure_devices(cfg.train)  # before the first TensorFlow op (multi_worker: the strategy)
+    if then_train:
+        check_model_config(cfg)  # a bad model.layers fails before ingest does any work
     return ingest_for(cfg)
 
 
 def _train(cfg: PipelineConfig):
-    dataset = _ingest(cfg)
+    dataset = _ingest(cfg, then_train=True)
     from tasks.train import train as run_train
 
     return dataset, run_train(cfg, dataset)
@@ -92,7 +92,7 @@ def _train(cfg: PipelineConfig):
 def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False, rerun: RerunOpt = None) -> None:
     """Read data.source and write (or verify and reuse) its TFRecord cache."""
     cfg = _setup(config, set, rerun)
-    dataset = _guarded(lambda: _ingest(cfg), json_out)
+    dataset = _guarded(lambda: _ingest(cfg))
     counts = ", ".join(f"{k} {v}" for k, v in dataset.counts.items())
     _emit(dataset, json_out, f"dataset {dataset.fingerprint[:12]} ({'cache hit' if dataset.cache_hit else 'written'}): "
                              f"{counts} at {dataset.uri}")
@@ -102,7 +102,7 @@ def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = Fal
 def train(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False, rerun: RerunOpt = None) -> None:
     """Ingest (cached), then build and train the model; resumes an interrupted run."""
     cfg = _setup(config, set, rerun)
-    _, model = _guarded(lambda: _train(cfg), json_out)
+    _, model = _guarded(lambda: _train(cfg))
     _emit(model, json_out, f"model {model.fingerprint[:12]} ({'cache hit' if model.cache_hit else 'trained'}): "
                            f"{model.final_metrics} at {model.uri}/{model.model_path}")
 
@@ -118,7 +118,7 @@ def evaluate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = F
 
         return run_evaluate(cfg, dataset, model)
 
-    evaluation = _guarded(body, json_out)
+    evaluation = _guarded(body)
     _emit(evaluation, json_out, f"test accuracy {evaluation.metrics['accuracy']:.4f}: "
                                 f"{'blessed' if evaluation.blessed else 'NOT blessed'}; champion "
                                 f"{(evaluation.champion_after or 'none')[:12]}; report {evaluation.uri}")
@@ -148,12 +148,12 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
         with _prefect_errors_are_one_line():
             manifest = _guarded(lambda: batch_prediction(
                 model=model, input=input, output=output, allow_unblessed=allow_unblessed or cfg.predict.allow_unblessed,
-                config_file=config, overrides=_overrides_dict(set), overwrite=overwrite), json_out)
+                config_file=config, overrides=_overrides_dict(set), overwrite=overwrite))
         typer.echo(json.dumps(manifest, indent=2) if json_out else
                    f"{manifest['rows']} predictions by model {manifest['model_fingerprint'][:12]} in "
                    f"{len(manifest['parts'])} parts under {output}")
         return
-    result = _guarded(body, json_out)
+    result = _guarded(body)
     _emit(result, json_out, f"{result.rows} predictions by model {result.model_fingerprint[:12]} in {result.output}")
 
 
@@ -164,8 +164,7 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False,
     from flows.training import training_pipeline
 
     with _prefect_errors_are_one_line():
-        summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set), rerun=rerun),
-                           json_out)
+        summary = _guarded(lambda: training_pipeline(config_file=config, overrides=_overrides_dict(set), rerun=rerun))
     if json_out:
         typer.echo(summary.model_dump_json(indent=2))
         return
@@ -238,7 +237,9 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what w
     from tasks import gc as collector
 
     cfg = _setup(config, set)
-    if "://" in cfg.artifacts.root:
+    from tasks.storage import is_local
+
+    if not is_local(cfg.artifacts.root):
         _fail(f"error: tfpipe gc cleans local artifact roots; {cfg.artifacts.root} is in a bucket: use the store's "
               "lifecycle rules for it", 1)
     removals = collector.plan(cfg.artifacts.root, cfg.artifacts)

@@ -17,6 +17,7 @@ import sys
 import threading
 
 from pipeline_config import ConfigError
+from tasks import QUIET_ENV
 from tasks.errors import PipelineError
 
 NATIVE_LOG_LINE = re.compile(
@@ -61,10 +62,13 @@ class _NoPrefectChatter(logging.Filter):
 
 class _NoTracebackForUserErrors(logging.Filter):
     """Prefect logs a failed flow or task run with the exception's traceback; for the errors a user fixes (bad
-    config, bad input, a stop request) the message already holds the one line that matters."""
+    config, bad input, a stop request, a Prefect server that went away) the run's last line already says what
+    matters."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (PipelineError, ConfigError)):
+        import httpx
+
+        if record.exc_info and isinstance(record.exc_info[1], (PipelineError, ConfigError, httpx.TransportError)):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -99,7 +103,6 @@ def quiet_python_logs() -> None:
         logging.getLogger(name).addFilter(NO_TRACEBACK_FOR_USER_ERRORS)
 
 
-QUIET_ENV = "TFPIPE_QUIET"  # set by a quiet CLI for the processes it starts (Dask workers, training workers)
 
 
 def quiet_child_logs() -> None:

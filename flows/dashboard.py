@@ -2,7 +2,9 @@
 
 A stage must never fail, nor wait, because the dashboard cannot be reached: every artifact call runs on one
 background thread, in order, in the Prefect run context it was made in. A failed call is logged once (per
-process) and the run goes on; `drain` gives queued calls a bounded time to land before the run ends.
+process) and the run goes on; once a call found the server unreachable, the run's other queued calls are
+dropped instead of each waiting out the client's retries; `drain` gives queued calls a bounded time to land
+before the run ends (and the next run tries the server again).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable
 
+import httpx
 from prefect import artifacts
 
 from tasks.errors import first_line
@@ -21,14 +24,18 @@ log = logging.getLogger("tfpipe.dashboard")
 _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfpipe-dashboard")
 _pending: list[Future] = []
 _warned = False
+_unreachable = False  # a call of this run found no server: the rest of its queue is dropped
 
 
 def _call(fn: Callable[..., Any], *args, **kwargs) -> Future:
     def safely():
-        global _warned
+        global _warned, _unreachable
+        if _unreachable:
+            return None
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # the server is gone, or refused the artifact: the run goes on without it
+            _unreachable = _unreachable or isinstance(exc, httpx.TransportError)
             if not _warned:
                 _warned = True
                 log.warning("dashboard update failed (%s: %s); the run goes on without dashboard updates",
@@ -84,5 +91,7 @@ def tag_run(*tags: str) -> None:
 
 def drain(timeout: float = 30.0) -> None:
     """Wait up to `timeout` seconds for the queued dashboard calls (a run's last updates)."""
+    global _unreachable
     wait(list(_pending), timeout=timeout)
     _pending[:] = [f for f in _pending if not f.done()]
+    _unreachable = False

@@ -17,8 +17,9 @@ from pipeline_config import PipelineConfig
 from tasks import evaluate as evaluate_stage
 from tasks import predict as predict_stage
 from tasks import train as train_stage
-from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names, join,
-                             read_json)
+from tasks import storage
+from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names
+from tasks.storage import join
 from tasks.worker import ingest_for
 
 
@@ -51,7 +52,7 @@ def train_task(cfg: PipelineConfig, dataset: DatasetArtifact) -> ModelArtifact:
     model = train_stage.train(cfg, dataset, on_epoch=lambda r: progress(100.0 * r["epoch"] / r["epochs"]))
     progress(100.0)
     dashboard.tag_run(f"model:{model.fingerprint[:12]}")
-    history = read_json(join(model.uri, model.history_path))["epochs"]
+    history = storage.read_json(join(model.uri, model.history_path))["epochs"]
     dashboard.table("training-history", description="one row per epoch", rows=[history_row(h) for h in history])
     return _finish(model, "train")
 

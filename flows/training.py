@@ -14,6 +14,7 @@ from pipeline_config import PipelineConfig, load_config
 from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact
 from tasks.cluster import cluster_from_env
 from tasks.devices import configure_devices
+from tasks.model import check_model_config
 from tasks.policy import served_call
 from tasks.storage import check_reachable
 
@@ -35,6 +36,7 @@ def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] 
     cfg = load_config(config_file, {**(overrides or {}), **({"rerun": rerun} if rerun else {})})
     check_reachable(cfg.artifacts.root)  # a wrong bucket or missing credentials: one line, before any work
     configure_devices(cfg.train)  # before the first TensorFlow op of this process (multi_worker: the strategy)
+    check_model_config(cfg)  # a bad model.layers fails here, before ingest does any work
     try:
         return _stages(cfg, started)
     finally:
@@ -47,7 +49,7 @@ def _stages(cfg: PipelineConfig, started: float) -> RunSummary:
     # 2-3. model + train: build the configured CNN and train it under the distribution strategy.
     model = train_task(cfg, dataset)
     # Under multi_worker every worker trains; the chief alone evaluates, predicts and reports.
-    if cfg.train.strategy == "multi_worker" and cluster_from_env()[0] != 0:
+    if cfg.train.in_cluster and cluster_from_env()[0] != 0:
         get_run_logger().info("worker %d: training done; the chief evaluates and predicts", cluster_from_env()[0])
         return RunSummary(dataset=resolved(dataset), model=resolved(model), evaluation=None, prediction=None,
                           seconds=time.perf_counter() - started)

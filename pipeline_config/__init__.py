@@ -189,9 +189,16 @@ class TrainConfig(Section):
     local_workers: int | None = Field(None, ge=1, description="start N multi_worker processes on this machine")
     collective_timeout_s: float = Field(60.0, gt=0, description="multi_worker: how long to wait for a lost worker")
 
+    # Two questions, each answered here only. `multi_worker`: does this run train on several workers (their
+    # fingerprint and style)? `in_cluster`: is this process one of those workers (TF_CONFIG says which), as
+    # opposed to a single process or a `local_workers` launcher that starts them and reads their result?
     @property
     def multi_worker(self) -> bool:
-        return self.strategy == "multi_worker" or bool(self.local_workers)
+        return self.in_cluster or bool(self.local_workers)
+
+    @property
+    def in_cluster(self) -> bool:
+        return self.strategy == "multi_worker"
 
     @model_validator(mode="before")
     @classmethod
@@ -259,7 +266,7 @@ class ArtifactsConfig(Section):
     @classmethod
     def _absolute(cls, value: str) -> str:
         """Local roots become absolute, so deployments and subprocesses agree on one place."""
-        return value if "://" in value else os.path.abspath(os.path.expanduser(value))
+        return _absolute_place(value)
 
 
 class ScheduleConfig(Section):
@@ -267,8 +274,17 @@ class ScheduleConfig(Section):
     timezone: str = "UTC"
 
 
+def _absolute_place(place: str) -> str:
+    """A local place as an absolute path (a `file://` URL as its path: one form for every branch that follows);
+    a URL as it is."""
+    from tasks.storage import is_local
+
+    place = place.removeprefix("file://")
+    return os.path.abspath(os.path.expanduser(place)) if is_local(place) else place
+
+
 def _absolute_places(places: list[str]) -> list[str]:
-    return [p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in places]
+    return [_absolute_place(p) for p in places]
 
 
 class ServeConfig(Section):

@@ -27,7 +27,12 @@ from tasks.storage import is_local, join
 
 log = logging.getLogger("tfpipe.artifacts")
 
-MANIFEST = "manifest.json"
+# The names every published output is found by, in one place.
+MANIFEST = "manifest.json"  # a stage output's commit, written last
+# A Dask prediction's directory of parts: the leading underscore makes Parquet dataset readers (pyarrow, Spark,
+# Dask) skip it when they read the directory as one table.
+PARTS_MANIFEST = "_manifest.json"
+MODEL_FILE = "model.keras"  # the published model, in a train output
 
 
 def stage_dir(root: str, stage: str, fingerprint: str) -> str:
@@ -37,19 +42,6 @@ def stage_dir(root: str, stage: str, fingerprint: str) -> str:
 def class_names(label_names: list[str] | None, num_classes: int) -> list[str]:
     """The dataset's label names, or the class indices as text when it has none."""
     return list(label_names) if label_names else [str(i) for i in range(num_classes)]
-
-
-def file_sha256(path: str) -> str:
-    return storage.sha256(path)
-
-
-def read_json(path: str) -> Any:
-    return storage.read_json(path)
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-    """Readers see the old file or the new one, whole."""
-    storage.write_json(path, value)
 
 
 def read_manifest(directory: str) -> dict | None:
@@ -257,6 +249,60 @@ class ModelArtifact(ArtifactRef):
     num_classes: int
     label_names: list[str] | None = None
     loss: str
+
+
+def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifact:
+    """The reference to a published dataset, from its manifest."""
+    return DatasetArtifact(
+        uri=uri, fingerprint=manifest["fingerprint"], cache_hit=cache_hit,
+        source=manifest["source"], source_hash=manifest["source_hash"],
+        counts={s: info["count"] for s, info in manifest["splits"].items()},
+        image_shape=manifest["image_shape"], num_classes=manifest["num_classes"],
+        label_names=manifest["label_names"],
+        shards={s: [sh["file"] for sh in info["shards"]] for s, info in manifest["splits"].items()},
+        class_histograms={s: info["class_histogram"] for s, info in manifest["splits"].items()},
+    )
+
+
+CACHE_PREFIX = "cache:"
+
+
+@dataclass
+class CacheRef:
+    """`cache:FINGERPRINT[/SPLIT[/SHARD]]`, resolved: a split of a published dataset (split `test` when none is
+    named), or one shard file of it (what the Dask engine scores as one part)."""
+
+    dataset: DatasetArtifact
+    split: str
+    shard: str | None = None
+
+    @property
+    def shards(self) -> list[str]:
+        return [self.shard] if self.shard else self.dataset.shards[self.split]
+
+    def of_shard(self, shard: str) -> str:
+        """The reference to one shard of this split."""
+        return f"{CACHE_PREFIX}{self.dataset.fingerprint}/{self.split}/{shard}"
+
+
+def resolve_cache_ref(root: str, ref: str) -> CacheRef:
+    """The published dataset a `cache:` reference names by its fingerprint (or a unique prefix of it)."""
+    name, _, rest = ref.removeprefix(CACHE_PREFIX).partition("/")
+    split, _, shard = rest.partition("/")
+    base = join(root, "ingest")
+    matches = [n for n in storage.listdir(base) if name and n.startswith(name) and not n.startswith(".")]
+    manifest = read_manifest(join(base, matches[0])) if len(matches) == 1 else None
+    if manifest is None:
+        problem = "matches no published dataset" if not matches else f"matches {len(matches)} datasets"
+        raise PipelineError(f"{ref} {problem} under {base}: pass a full dataset fingerprint (tfpipe ingest --json "
+                            "prints it)")
+    dataset = dataset_artifact(join(base, matches[0]), manifest, cache_hit=True)
+    split = split or "test"
+    if split not in dataset.shards:
+        raise PipelineError(f"{ref}: the dataset has no split {split!r} (splits: {', '.join(dataset.shards)})")
+    if shard and shard not in dataset.shards[split]:
+        raise PipelineError(f"{ref}: the {split} split has no shard {shard!r}")
+    return CacheRef(dataset, split, shard or None)
 
 
 class GateReason(BaseModel):

@@ -14,11 +14,13 @@ import getpass
 import logging
 import os
 import time
+from pathlib import PurePosixPath
 
 from tasks import storage
-from tasks.artifacts import join, published_outputs, read_json, read_manifest, write_json_atomic
+from tasks.artifacts import published_outputs, read_manifest
 from tasks.errors import PipelineError
 from tasks.lease import stage_lease
+from tasks.storage import join
 
 CHAMPION_FILE = "champion.json"
 log = logging.getLogger("tfpipe.champion")
@@ -33,7 +35,7 @@ def user_name() -> str:
 
 def read_champion(root: str) -> dict | None:
     try:
-        return read_json(join(root, CHAMPION_FILE))
+        return storage.read_json(join(root, CHAMPION_FILE))
     except FileNotFoundError:
         return None
 
@@ -52,6 +54,23 @@ def champion_entries(root: str) -> list[dict]:
 def blessed_models(root: str) -> set[str]:
     """Fingerprints of every model the gate ever blessed (the champion and those it replaced)."""
     return {e["model_fingerprint"] for e in champion_entries(root)}
+
+
+def require_blessed(root: str, model_fingerprint: str, allow_unblessed: bool) -> None:
+    """Prediction uses a model the gate blessed, unless the caller allows another (raises PipelineError)."""
+    if not allow_unblessed and model_fingerprint not in blessed_models(root):
+        raise PipelineError(f"model {model_fingerprint[:12]} was not blessed by the evaluation gate: use the "
+                            "champion, or pass --allow-unblessed to predict with it anyway")
+
+
+def needed_by_champions(root: str) -> set[str]:
+    """Fingerprints (of any stage) that the champion and its history point at: models, datasets, evaluations."""
+    needed = set()
+    for entry in champion_entries(root):
+        # a model promoted by hand before any evaluation has evaluation_uri None (and may lack the others)
+        needed.update({entry["model_fingerprint"], entry.get("dataset_fingerprint") or "",
+                       PurePosixPath(entry.get("evaluation_uri") or "").name})
+    return needed - {""}
 
 
 def promote(root: str, entry: dict) -> bool:
@@ -74,7 +93,7 @@ def _replace_current(root: str, champion: dict, entry: dict) -> bool:
         return False
     history = ([current] if current else []) + champion.get("history", [])
     demoted = {k: v for k, v in champion.get("demoted", {}).items() if k != entry["model_fingerprint"]}
-    write_json_atomic(join(root, CHAMPION_FILE), {"current": entry, "history": history, "demoted": demoted})
+    storage.write_json(join(root, CHAMPION_FILE), {"current": entry, "history": history, "demoted": demoted})
     return True
 
 
@@ -157,7 +176,7 @@ def resolve_model(root: str, ref: str) -> tuple[str, dict]:
             raise PipelineError(f"no champion under {root}: run the pipeline (tfpipe run) so a model is blessed, "
                                 "or pass --model with a model directory or fingerprint")
         uri = champion["model_uri"]
-    elif os.path.exists(ref) or ("://" in ref and storage.exists(ref)):
+    elif storage.exists(ref):
         uri = ref.rsplit("/", 1)[0] if ref.endswith(".keras") else ref.rstrip("/")
     else:
         base = join(root, "train")

@@ -68,15 +68,11 @@ def multi_worker_strategy(cfg: TrainConfig):
     return _strategy
 
 
-def is_multi_worker(strategy) -> bool:
-    import tensorflow as tf
-
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-
-
 def worker_role(strategy) -> tuple[bool, int]:
     """(is this the chief, worker index). Worker 0 is the chief; a single process is its own chief."""
-    if not is_multi_worker(strategy):
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True, 0
     index = strategy.cluster_resolver.task_id or 0
     return index == 0, index
@@ -123,15 +119,15 @@ def lost_worker_message(exc: Exception, index: int, count: int, timeout: float) 
 
 
 @contextlib.contextmanager
-def lost_worker_errors(strategy, timeout: float):
-    """Under multi_worker, a collective that failed because a peer is gone becomes one clear PipelineError."""
+def lost_worker_errors(cfg: TrainConfig):
+    """In a multi_worker cluster, a collective that failed because a peer is gone becomes one clear PipelineError."""
     try:
         yield
     except Exception as exc:
-        if not is_multi_worker(strategy) or type(exc).__name__ not in LOST_WORKER_ERRORS:
+        if not cfg.in_cluster or type(exc).__name__ not in LOST_WORKER_ERRORS:
             raise
         index, count = cluster_from_env()
-        raise PipelineError(lost_worker_message(exc, index, count, timeout)) from None
+        raise PipelineError(lost_worker_message(exc, index, count, cfg.collective_timeout_s)) from None
 
 
 # ------------------------------------------------------------------------------ local workers (loopback)

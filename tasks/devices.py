@@ -26,7 +26,7 @@ def configure_devices(cfg: TrainConfig) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             pass  # already initialised: the setting from the first call stands
-    if cfg.strategy == "multi_worker":
+    if cfg.in_cluster:
         multi_worker_strategy(cfg)
         return
     if cfg.cpu_replicas:
@@ -44,7 +44,7 @@ def configure_devices(cfg: TrainConfig) -> None:
 
 
 def make_strategy(cfg: TrainConfig) -> tf.distribute.Strategy:
-    if cfg.strategy == "multi_worker":
+    if cfg.in_cluster:
         return multi_worker_strategy(cfg)
     gpus = tf.config.list_logical_devices("GPU")
     if cfg.cpu_replicas:
@@ -85,6 +85,9 @@ def strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
 
 
 def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The strategy's public name (TensorFlow's MultiWorkerMirroredStrategy is a CollectiveAllReduceStrategy)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
     name = type(strategy).__name__
     return "default (single device)" if name.startswith("_Default") else name
 

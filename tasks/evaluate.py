@@ -14,11 +14,13 @@ import time
 import numpy as np
 
 from pipeline_config import EvaluateConfig, PipelineConfig, fingerprint
-from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, ModelArtifact, class_names, join,
-                             local_dataset, local_file, read_json, reuse_or_publish, write_json_atomic)
-from tasks.champion import current_champion, promote
+from tasks import storage
+from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, ModelArtifact, class_names,
+                             local_dataset, local_file, reuse_or_publish)
+from tasks.champion import current_champion, promote, resolve_model
 from tasks.errors import PipelineError
 from tasks.model import class_probabilities, load_model
+from tasks.storage import join
 
 log = logging.getLogger("tfpipe.evaluate")
 
@@ -97,8 +99,8 @@ def gate(metrics: dict, cfg: EvaluateConfig, champion_accuracy: float | None) ->
     return all(r.passed for r in reasons), reasons
 
 
-def _champion_accuracy(champion: dict, dataset: DatasetArtifact, batch_size: int, model_fp: str,
-                       cache_dir: str) -> tuple[float | None, str]:
+def _champion_accuracy(cfg: PipelineConfig, champion: dict, dataset: DatasetArtifact,
+                       model_fp: str) -> tuple[float | None, str]:
     """The champion's accuracy on this test split: recorded when it was measured on it, else measured now."""
     if not champion:
         return None, "no champion yet: thresholds only"
@@ -106,13 +108,14 @@ def _champion_accuracy(champion: dict, dataset: DatasetArtifact, batch_size: int
         return champion["accuracy"] if champion["dataset_fingerprint"] == dataset.fingerprint else None, "model is the champion"
     if champion["dataset_fingerprint"] == dataset.fingerprint and champion.get("accuracy") is not None:
         return champion["accuracy"], f"champion {champion['model_fingerprint'][:12]}"
-    champion_model = load_model(local_file(join(champion["model_uri"], "model.keras"), cache_dir))
+    uri, manifest = resolve_model(cfg.artifacts.root, champion["model_uri"])
+    champion_model = load_model(local_file(join(uri, manifest["model_path"]), cfg.artifacts.local_cache))
     try:
         check_compatible(champion_model, dataset, "champion")
     except PipelineError as exc:
         log.warning("champion cannot be compared on this test split (%s): thresholds only", exc)
         return None, "champion not comparable on this data: thresholds only"
-    probs, labels = predict_split(champion_model, dataset, "test", batch_size)
+    probs, labels = predict_split(champion_model, dataset, "test", cfg.evaluate.batch_size)
     return float((probs.argmax(1) == labels).mean()), f"champion {champion['model_fingerprint'][:12]} re-measured"
 
 
@@ -192,11 +195,10 @@ def measure(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Model
     dataset = local_dataset(dataset, cache_dir)
     probs, labels = predict_split(model, dataset, "test", cfg.evaluate.batch_size)
     metrics = classification_metrics(labels, probs, dataset.label_names)
-    champion_accuracy, compared = _champion_accuracy(champion, dataset, cfg.evaluate.batch_size,
-                                                     model_artifact.fingerprint, cache_dir)
+    champion_accuracy, compared = _champion_accuracy(cfg, champion, dataset, model_artifact.fingerprint)
     blessed, reasons = gate(metrics, cfg.evaluate, champion_accuracy)
-    history = read_json(join(model_artifact.uri, model_artifact.history_path))["epochs"]
-    write_json_atomic(join(out, "metrics.json"), metrics)
+    history = storage.read_json(join(model_artifact.uri, model_artifact.history_path))["epochs"]
+    storage.write_json(join(out, "metrics.json"), metrics)
     names = class_names(dataset.label_names, len(metrics["confusion_matrix"]))
     plot_confusion_matrix(metrics["confusion_matrix"], names, join(out, "confusion_matrix.png"))
     plot_training_curves(history, join(out, "training_curves.png"))

@@ -13,12 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline_config import ArtifactsConfig
+from pipeline_config import STAGES, ArtifactsConfig
 from tasks.artifacts import published_outputs, read_manifest
-from tasks.champion import champion_entries
+from tasks.champion import needed_by_champions
 from tasks.lease import LEASES, is_held, remove_free_lease
-
-STAGES = ("ingest", "train", "evaluate", "predict")
 
 
 @dataclass
@@ -39,16 +37,6 @@ def _held_prefix(root: str, stage: str, prefix: str) -> bool:
     leases = Path(root) / LEASES
     return any(is_held(root, stage, lock.name[len(stage) + 1: -len(".lock")])
                for lock in leases.glob(f"{stage}-{prefix}*.lock"))
-
-
-def needed_by_champions(root: str) -> set[str]:
-    """Fingerprints (of any stage) that the champion and its history point at."""
-    needed = set()
-    for entry in champion_entries(root):
-        # a model promoted by hand before any evaluation has evaluation_uri None (and may lack the others)
-        needed.update({entry["model_fingerprint"], entry.get("dataset_fingerprint") or "",
-                       Path(entry.get("evaluation_uri") or "").name})
-    return needed - {""}
 
 
 def _old_outputs(root: str, keep_last: int) -> list[Removal]:

@@ -31,14 +31,12 @@ def parquet_files(path: str | Path) -> list[str]:
     from tasks import storage
 
     path = str(path)
-    fs, p = storage.filesystem(path)
-    if fs.isdir(p):
-        scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
-        files = sorted(f"{scheme}{f}" for f in fs.find(p) if f.endswith(".parquet"))
+    if storage.is_dir(path):
+        files = [f for f in storage.find(path) if f.endswith(".parquet")]
         if not files:
             raise PipelineError(f"{path} holds no .parquet files: point at a Parquet file or a directory of part files")
         return files
-    if not fs.exists(p):
+    if not storage.exists(path):
         raise PipelineError(f"{path} does not exist: check the path")
     return [path]
 

@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pipeline_config import DataConfig, fingerprint
-from tasks.artifacts import DatasetArtifact, file_sha256, is_local, join, reuse_or_publish
+from tasks import storage
+from tasks.artifacts import DatasetArtifact, dataset_artifact, reuse_or_publish
+from tasks.storage import is_local, join
 from tasks.errors import CorruptArtifact, PipelineError
 from tasks.progress import progress_bar
 from tasks.sources import SPLITS, Batch, expected_shape, open_source, source_hash
@@ -50,12 +52,13 @@ def mix64(values: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def row_hashes(batch: Batch, seed: int) -> np.ndarray:
-    """A seeded 64-bit hash per row: of its index in the split, or of its split-key value."""
-    if batch.keys is None:
+def row_hashes(batch: Batch, seed: int, split_key: str | None = None) -> np.ndarray:
+    """A seeded 64-bit hash per row: of its index in the split, or of its `split_key` column's value."""
+    if split_key is None:
         base = np.arange(batch.first_row, batch.first_row + len(batch.labels), dtype=np.uint64)
     else:
-        base = np.fromiter((_key_hash(k, batch.where) for k in batch.keys), np.uint64, len(batch.keys))
+        keys = batch.columns[split_key].to_pylist()
+        base = np.fromiter((_key_hash(k, batch.where) for k in keys), np.uint64, len(keys))
     offset = mix64(np.array([seed & _MASK], np.uint64))[0]
     with np.errstate(over="ignore"):
         return mix64(base + offset)
@@ -172,7 +175,7 @@ class ShardSet:
     def close(self, num_classes: int) -> dict:
         for writer in self.writers.values():
             writer.close()
-        shards = [{"file": self.name(i), "count": int(self.counts[i]), "sha256": file_sha256(join(self.directory, self.name(i)))}
+        shards = [{"file": self.name(i), "count": int(self.counts[i]), "sha256": storage.sha256(join(self.directory, self.name(i)))}
                   for i in sorted(self.writers)]
         histogram = np.zeros(num_classes, np.int64)
         histogram[: len(self.histogram)] = self.histogram
@@ -198,7 +201,7 @@ class CacheWriter:
             bounds = np.linspace(0, total, self.cfg.shards + 1) if total else np.array([0, np.inf])
             self.splits["test"].write(batch.images, batch.labels, np.searchsorted(bounds, rows, side="right") - 1)
             return
-        val = in_validation(row_hashes(batch, self.cfg.seed), self.cfg.validation_fraction)
+        val = in_validation(row_hashes(batch, self.cfg.seed, self.cfg.split_key), self.cfg.validation_fraction)
         for name, rows in (("train", ~val), ("validation", val)):
             count = int(rows.sum())
             if count:
@@ -247,24 +250,12 @@ def verify_shards(uri: str, manifest: dict) -> None:
         for shard in info["shards"]:
             path = join(uri, shard["file"])
             try:
-                actual = file_sha256(path)
+                actual = storage.sha256(path)
             except Exception:
                 actual = None
             if actual != shard["sha256"]:
                 problem = "is missing" if actual is None else "fails its sha256 check"
                 raise CorruptArtifact(f"cached shard {path} {problem}")
-
-
-def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifact:
-    return DatasetArtifact(
-        uri=uri, fingerprint=manifest["fingerprint"], cache_hit=cache_hit,
-        source=manifest["source"], source_hash=manifest["source_hash"],
-        counts={s: info["count"] for s, info in manifest["splits"].items()},
-        image_shape=manifest["image_shape"], num_classes=manifest["num_classes"],
-        label_names=manifest["label_names"],
-        shards={s: [sh["file"] for sh in info["shards"]] for s, info in manifest["splits"].items()},
-        class_histograms={s: info["class_histogram"] for s, info in manifest["splits"].items()},
-    )
 
 
 def dataset_fingerprint(src_hash: str, cfg: DataConfig) -> str:

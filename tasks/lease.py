@@ -52,18 +52,23 @@ def this_machine() -> str | None:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def process_gone(info: dict) -> bool:
     """The lease's holder ran on this machine and its process no longer exists."""
     machine = this_machine()
-    if machine is None or info.get("machine") != machine:
-        return False
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, KeyError, ValueError):  # another user's process, or no pid recorded: not known to be gone
-        pass
-    return False
+    if machine is None or info.get("machine") != machine or not str(info.get("pid", "")).isdigit():
+        return False  # elsewhere, or no pid recorded: not known to be gone
+    return not pid_alive(int(info["pid"]))
 
 
 def lease_path(root: str, stage: str, fingerprint: str) -> str:
@@ -82,16 +87,16 @@ def holder(path: str) -> str:
 
 @contextlib.contextmanager
 def stage_lease(root: str, stage: str, fingerprint: str, log_every: float = 30.0) -> Iterator[None]:
-    """Hold the lease of one stage output while building it; wait (logging every `log_every` s) while another
-    live run holds it."""
-    if "://" in root:
+    """Hold the lease of one stage output while building it; wait while another live run holds it, logging who
+    holds it when the wait begins and every `log_every` s after."""
+    if not storage.is_local(root):
         with _object_lease(root, stage, fingerprint, log_every):
             yield
         return
     path = lease_path(root, stage, fingerprint)
     made = [d for d in (root, os.path.dirname(path)) if not os.path.isdir(d)]
     lock = FileLease(f"{path}.lock")
-    started, logged = time.monotonic(), time.monotonic()
+    started, logged = time.monotonic(), -float("inf")
     while not lock.acquire():
         if time.monotonic() - logged >= log_every:
             logged = time.monotonic()
@@ -163,7 +168,7 @@ def _object_lease(root: str, stage: str, fingerprint: str, log_every: float) -> 
     path = storage.join(root, LEASES, f"{stage}-{fingerprint}.json")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "machine": this_machine(), "since": time.time(),
           "heartbeat": time.time(), "token": uuid.uuid4().hex}
-    started, logged = time.monotonic(), time.monotonic()
+    started, logged = time.monotonic(), -float("inf")
     while True:
         try:
             storage.write_json(path, me, create_only=True)
@@ -242,7 +247,7 @@ def _still_mine(path: str, token: str) -> bool:
 
 def is_held(root: str, stage: str, fingerprint: str) -> bool:
     """Whether a live run holds this lease now (for clean-up, which must leave running work alone)."""
-    if "://" in root:
+    if not storage.is_local(root):
         return False
     try:
         fd = os.open(f"{lease_path(root, stage, fingerprint)}.lock", os.O_RDWR)

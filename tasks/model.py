@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from pipeline_config import ConfigError, ModelConfig
+from pipeline_config import ConfigError, LayerSpec, ModelConfig, PipelineConfig
 from tasks.errors import PipelineError, first_line
 
 LAYERS = {
@@ -54,9 +54,61 @@ def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     return outputs
 
 
+def make_layer(spec: LayerSpec, index: int, dtype_policy: str = "float32", seed: int | None = None) -> keras.layers.Layer:
+    """One configured layer, not yet built, its random parts seeded from `seed` when given. Raises ConfigError
+    naming it (unknown type, bad arguments)."""
+    where = f"config error: model.layers[{index}] ({spec.type})"
+    layer_class = LAYERS.get(spec.type)
+    if layer_class is None:
+        raise ConfigError(f"{where}: unknown layer type: use one of {', '.join(LAYERS)}")
+    params = dict(spec.model_extra or {})
+    params.setdefault("dtype", dtype_policy)
+    try:
+        return layer_class(**(params if seed is None else seeded(layer_class, params, seed * 1000 + index)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {first_line(exc)}") from None
+
+
+def seeded(layer_class: type, params: dict, seed: int) -> dict:
+    """The layer's arguments with a seed of its own for each random initializer and for its random ops (Dropout).
+    Keras draws unseeded initializers from Python's global `random`, which other threads of the process (Prefect's
+    and Dask's clients) draw from too: without seeds, `train.seed` alone would not fix a model's first weights."""
+    import inspect
+
+    accepted = inspect.signature(layer_class.__init__).parameters
+    params = dict(params)
+    for offset, name in enumerate(sorted(n for n in accepted if n.endswith("_initializer"))):
+        initializer = keras.initializers.get(params.get(name, accepted[name].default))
+        if initializer is not None and "seed" in initializer.get_config():
+            config = {**initializer.get_config(), "seed": (seed * 10 + offset) % SEED_RANGE}
+            params[name] = type(initializer).from_config(config)
+    if "seed" in accepted and params.get("seed") is None:
+        params["seed"] = seed % SEED_RANGE
+    return params
+
+
+SEED_RANGE = 2**31 - 1  # seeds Keras takes as int32
+
+
+def check_model_config(cfg: PipelineConfig) -> None:
+    """Reject a bad model.layers before any work (ConfigError): every layer is made, and when the image shape is
+    known before ingest (data.image_shape, or the embedded MNIST) the whole model is built on it. Call it after
+    `configure_devices` (it runs TensorFlow ops)."""
+    from tasks.sources import known_image_shape
+
+    shape = known_image_shape(cfg.data)
+    if shape is None:
+        for i, spec in enumerate(cfg.model.layers):
+            make_layer(spec, i)
+        return
+    # the number of classes is the dataset's: any count the loss accepts shows whether the stack builds
+    build_model(cfg.model, shape, 2 if cfg.train.loss == "binary_crossentropy" else 10, cfg.train.loss)
+
+
 def build_model(model_cfg: ModelConfig, image_shape: list[int], num_classes: int, loss: str,
-                dtype_policy: str = "float32") -> keras.Model:
-    """The configured layer stack with its head. Raises ConfigError naming the layer that cannot be built."""
+                dtype_policy: str = "float32", seed: int | None = None) -> keras.Model:
+    """The configured layer stack with its head, its random parts seeded from `seed` when given (training passes
+    train.seed). Raises ConfigError naming the layer that cannot be built."""
     if loss == "binary_crossentropy" and num_classes != 2:
         raise ConfigError(f"config error: train.loss: binary_crossentropy needs exactly 2 classes, the dataset has "
                           f"{num_classes}: use sparse_categorical_crossentropy or categorical_crossentropy")
@@ -64,15 +116,7 @@ def build_model(model_cfg: ModelConfig, image_shape: list[int], num_classes: int
     x = inputs
     for i, spec in enumerate(model_cfg.layers):
         where = f"config error: model.layers[{i}] ({spec.type})"
-        layer_class = LAYERS.get(spec.type)
-        if layer_class is None:
-            raise ConfigError(f"{where}: unknown layer type: use one of {', '.join(LAYERS)}")
-        params = dict(spec.model_extra or {})
-        params.setdefault("dtype", dtype_policy)
-        try:
-            layer = layer_class(**params)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {first_line(exc)}") from None
+        layer = make_layer(spec, i, dtype_policy, seed)
         try:
             x = layer(x)
         except Exception as exc:  # Keras raises ValueError, TF raises InvalidArgumentError for impossible shapes
@@ -84,10 +128,8 @@ def build_model(model_cfg: ModelConfig, image_shape: list[int], num_classes: int
     if len(x.shape) != 2:
         raise ConfigError(f"config error: model.layers: the last layer outputs shape {tuple(x.shape[1:])}; the head "
                           "needs a flat vector: end the stack with Flatten or GlobalAveragePooling2D")
-    if loss == "binary_crossentropy":
-        x = keras.layers.Dense(1, dtype=dtype_policy, name="logits")(x)
-        outputs = keras.layers.Activation("sigmoid", dtype="float32", name="probabilities")(x)
-    else:
-        x = keras.layers.Dense(num_classes, dtype=dtype_policy, name="logits")(x)
-        outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    units, activation = (1, "sigmoid") if loss == "binary_crossentropy" else (num_classes, "softmax")
+    head = {"units": units, "dtype": dtype_policy, "name": "logits"}
+    x = keras.layers.Dense(**(head if seed is None else seeded(keras.layers.Dense, head, seed * 1000 + 999)))(x)
+    outputs = keras.layers.Activation(activation, dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=model_cfg.name)

@@ -19,31 +19,24 @@ import pyarrow.parquet as pq
 
 from pipeline_config import PipelineConfig
 from tasks import storage
-from tasks.artifacts import join, read_manifest
-from tasks.champion import blessed_models, resolve_model
+from tasks.artifacts import CACHE_PREFIX, PARTS_MANIFEST, resolve_cache_ref
+from tasks.champion import require_blessed, resolve_model
 from tasks.errors import PipelineError, first_line
 from tasks.images import parquet_files
+from tasks.storage import join
 
 log = logging.getLogger("tfpipe.predict")
 
-MANIFEST = "_manifest.json"
 _predictors: dict[tuple, object] = {}  # per worker process: the model is loaded once for all its files
 
 
 def input_files(cfg: PipelineConfig, input_path: str) -> list[str]:
     """The files to score, one part each."""
-    if input_path.startswith("cache:"):
-        name, _, split = input_path.removeprefix("cache:").partition("/")
-        base = join(cfg.artifacts.root, "ingest")
-        matches = [n for n in storage.listdir(base) if n.startswith(name) and not n.startswith(".")]
-        manifest = read_manifest(join(base, matches[0])) if len(matches) == 1 else None
-        if manifest is None or (split or "test") not in manifest["splits"]:
-            raise PipelineError(f"{input_path} names no published dataset split under {base}: pass a full fingerprint")
-        return [f"{input_path.split('/')[0]}/{split or 'test'}/{s['file']}" for s in manifest["splits"][split or "test"]["shards"]]
+    if input_path.startswith(CACHE_PREFIX):
+        cache = resolve_cache_ref(cfg.artifacts.root, input_path)
+        return [cache.of_shard(shard) for shard in cache.shards]
     if any(c in input_path for c in "*?["):
-        fs, pattern = storage.filesystem(input_path)
-        scheme = input_path.split("://", 1)[0] + "://" if "://" in input_path else ""
-        files = sorted(f"{scheme}{f}" for f in fs.glob(pattern))
+        files = storage.glob(input_path)
         if not files:
             raise PipelineError(f"{input_path} matches no file: check the pattern")
         return files
@@ -60,9 +53,7 @@ def part_name(input_file: str) -> str:
 def resolve_blessed(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -> str:
     """The model's fingerprint, resolved once for the whole run (the champion may move meanwhile)."""
     _, manifest = resolve_model(cfg.artifacts.root, model_ref)
-    if not allow_unblessed and manifest["fingerprint"] not in blessed_models(cfg.artifacts.root):
-        raise PipelineError(f"model {manifest['fingerprint'][:12]} was not blessed by the evaluation gate: use the "
-                            "champion, or pass --allow-unblessed to predict with it anyway")
+    require_blessed(cfg.artifacts.root, manifest["fingerprint"], allow_unblessed)
     return manifest["fingerprint"]
 
 
@@ -119,12 +110,10 @@ def _peak_rss_mb() -> float:
 
 def _source_file(cfg: PipelineConfig, input_file: str) -> str:
     """Where an input file's bytes are: a cache shard lives in the dataset's directory."""
-    if not input_file.startswith("cache:"):
+    if not input_file.startswith(CACHE_PREFIX):
         return input_file
-    name, split, shard = input_file.removeprefix("cache:").split("/")
-    base = join(cfg.artifacts.root, "ingest")
-    fp = next(n for n in storage.listdir(base) if n.startswith(name))
-    return join(base, fp, shard)
+    cache = resolve_cache_ref(cfg.artifacts.root, input_file)
+    return join(cache.dataset.uri, cache.shard)
 
 
 def _existing_part(part: str) -> dict:
@@ -148,20 +137,20 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     from tasks.predict import written_by_tfpipe
 
     present = storage.files_under(output_dir)
-    foreign = [n for n in present if n != MANIFEST and not (n.startswith("part-") and written_by_tfpipe(join(output_dir, n)))]
+    foreign = [n for n in present if n != PARTS_MANIFEST and not (n.startswith("part-") and written_by_tfpipe(join(output_dir, n)))]
     if foreign:
         raise PipelineError(f"--output {output_dir} holds files tfpipe did not write ({', '.join(sorted(foreign)[:3])}): "
                             "they are left as they are; choose an empty or new output directory")
-    if MANIFEST not in present:
+    if PARTS_MANIFEST not in present:
         return
-    listed = [p["part"] for p in storage.read_json(join(output_dir, MANIFEST)).get("parts", [])]
+    listed = [p["part"] for p in storage.read_json(join(output_dir, PARTS_MANIFEST)).get("parts", [])]
     lost = [name for name in listed if name not in present]
     if not lost and not overwrite:
         raise PipelineError(f"--output {output_dir} already holds a finished prediction: pass --overwrite to redo it")
     if lost and not overwrite:
         log.warning("%s lost %d of the %d parts its manifest lists (%s): scoring the missing ones", output_dir,
                     len(lost), len(listed), ", ".join(sorted(lost)[:3]))
-    storage.remove(join(output_dir, MANIFEST))  # not a finished output until the new one is written, last
+    storage.remove(join(output_dir, PARTS_MANIFEST))  # not a finished output until the new one is written, last
 
 
 def write_manifest(output_dir: str, model_fingerprint: str, parts: list[dict], failures: list[dict],
@@ -171,7 +160,7 @@ def write_manifest(output_dir: str, model_fingerprint: str, parts: list[dict], f
         return None
     manifest = {"model_fingerprint": model_fingerprint, "parts": sorted(parts, key=lambda p: p["part"]),
                 "failures": failures, "rows": sum(p["rows"] for p in parts), "complete": not failures}
-    storage.write_json(join(output_dir, MANIFEST), manifest)
+    storage.write_json(join(output_dir, PARTS_MANIFEST), manifest)
     return manifest
 
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from pipeline_config import PipelineConfig
 from tasks.errors import PipelineError
+from tasks.storage import is_local
 
 POLICY_ENV = "TFPIPE_SERVE_POLICY"
 FIXED_KEYS = ("artifacts.root", "artifacts.local_cache", "serve", "rerun")  # never from a caller
@@ -73,7 +74,7 @@ class ServePolicy:
 
     def check_model(self, value: str) -> None:
         """A model given as a path must be a published one under the artifact root (a name or fingerprint is)."""
-        if value == "champion" or ("/" not in value and "://" not in value):
+        if value == "champion" or "/" not in value:
             return
         self._check_place("model", value, [self.root], "the artifact root")
 
@@ -123,7 +124,7 @@ PARAMETER_RULES = {
 
 def normalise(path: str) -> str:
     """A comparable form: URLs as scheme://host/normalised-path, local paths absolute with symlinks resolved."""
-    if "://" in path and not path.startswith("file://"):
+    if not is_local(path):
         parts = urlsplit(path)
         clean = posixpath.normpath("/" + parts.path.lstrip("/")) if parts.path else "/"
         return f"{parts.scheme.lower()}://{parts.netloc.lower()}{clean}"

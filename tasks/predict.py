@@ -1,9 +1,9 @@
 """Stage 5, predict: stream batch predictions to Parquet.
 
-Input is read and written in chunks of `predict.batch_size` rows, so memory stays flat as input grows. The
-output is written to a temporary file beside the target and renamed into place; on any error it is removed.
-Inputs: a Parquet file or directory (the ingestion schemas, label optional), an `.npz` with `x`, or a split of a
-TFRecord cache (`cache:FINGERPRINT[/SPLIT]`, split `test` by default).
+Input is read (tasks/sources.py `read_images`) and written in batches of `predict.batch_size` rows, so memory
+stays flat as input grows. The output is written to a temporary file beside the target and renamed into place;
+on any error it is removed. Inputs: a Parquet file or directory (the ingestion schemas, label optional), an
+`.npz` with `x`, or a split of a TFRecord cache (`cache:FINGERPRINT[/SPLIT]`, split `test` by default).
 """
 
 from __future__ import annotations
@@ -25,68 +25,21 @@ import pyarrow.parquet as pq
 
 from pipeline_config import PipelineConfig, fingerprint
 from tasks import storage
-from tasks.artifacts import (DatasetArtifact, PredictionArtifact, file_sha256, join, local_dataset, local_file,
-                             read_manifest, reuse_or_publish, stage_dir)
-from tasks.champion import blessed_models, resolve_model
+from tasks.artifacts import CACHE_PREFIX, DatasetArtifact, PredictionArtifact, local_file, reuse_or_publish, stage_dir
+from tasks.champion import require_blessed, resolve_model
 from tasks.devices import resolve_precision
 from tasks.errors import PipelineError
-from tasks.images import (check_numpy_images, decode_images, iter_parquet_batches, load_npz, open_parquet, parquet_files,
-                          schema_metadata)
+from tasks.images import parquet_files
+from tasks.lease import pid_alive
 from tasks.model import class_probabilities, load_model
 from tasks.progress import progress_bar
+from tasks.sources import Batch, read_images
+from tasks.storage import join
 
 log = logging.getLogger("tfpipe.predict")
 
 PREDICT_CODE_VERSION = "1"
 STAGE = "predict"
-Chunk = tuple[np.ndarray, dict[str, pa.Array]]  # uint8 images, key columns to pass through
-
-
-def _parquet_chunks(path: str, image_column: str, key_columns: list[str], shape: list[int],
-                    batch_size: int) -> Iterator[Chunk]:
-    files = parquet_files(path)
-    meta = schema_metadata(open_parquet(files[0]).schema_arrow)
-    shape = meta.get("image_shape") or shape
-    for batch in iter_parquet_batches(files, [image_column, *key_columns], batch_size):
-        where = f"{path} ({image_column})"
-        yield decode_images(batch.column(image_column), shape, where), {k: batch.column(k) for k in key_columns}
-
-
-def _npz_chunks(path: str, batch_size: int) -> Iterator[Chunk]:
-    x = check_numpy_images(load_npz(path, ("x",), "an .npz input holds the images as an array x")["x"], f"{path} x")
-    for start in range(0, len(x), batch_size):
-        yield x[start: start + batch_size], {}
-
-
-def _cache_chunks(cfg: PipelineConfig, ref: str, batch_size: int) -> Iterator[Chunk]:
-    from tasks.ingest import dataset_artifact
-    from tasks.reader import make_dataset
-
-    root = cfg.artifacts.root
-    name, _, rest = ref.partition("/")
-    split, _, shard = rest.partition("/")  # one shard file: what the Dask engine scores as one part
-    split = split or "test"
-    base = join(root, "ingest")
-    candidates = [join(base, n) for n in storage.listdir(base) if n.startswith(name) and not n.startswith(".")]
-    manifest = read_manifest(candidates[0]) if len(candidates) == 1 else None
-    if manifest is None:
-        raise PipelineError(f"cache:{ref} names no single published dataset under {root}/ingest: pass a full fingerprint")
-    dataset = local_dataset(dataset_artifact(candidates[0], manifest, cache_hit=True), cfg.artifacts.local_cache)
-    if split not in dataset.shards:
-        raise PipelineError(f"cache:{ref}: no split {split!r} (splits: {', '.join(dataset.shards)})")
-    files = [join(dataset.uri, shard)] if shard else None
-    for images, _ in make_dataset(dataset, split, batch_size, raw_uint8=True, files=files).as_numpy_iterator():
-        yield images, {}
-
-
-def read_chunks(cfg: PipelineConfig, input_path: str, model_shape: list[int]) -> Iterator[Chunk]:
-    pc = cfg.predict
-    if input_path.startswith("cache:"):
-        return _cache_chunks(cfg, input_path.removeprefix("cache:"), pc.batch_size)
-    if input_path.endswith(".npz"):
-        return _npz_chunks(input_path, pc.batch_size)
-    return _parquet_chunks(input_path, cfg.data.image_column, pc.key_columns, cfg.data.image_shape or model_shape,
-                           pc.batch_size)
 
 
 def _output_batch(outputs: np.ndarray, keys: dict[str, pa.Array], first_row: int, label_names: list[str] | None) -> pa.RecordBatch:
@@ -139,9 +92,7 @@ def load_predictor(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -
 
     root = cfg.artifacts.root
     model_uri, manifest = resolve_model(root, model_ref)
-    if not allow_unblessed and manifest["fingerprint"] not in blessed_models(root):
-        raise PipelineError(f"model {manifest['fingerprint'][:12]} was not blessed by the evaluation gate: use the "
-                            "champion, or pass --allow-unblessed to predict with it anyway")
+    require_blessed(root, manifest["fingerprint"], allow_unblessed)
     model = load_model(local_file(join(model_uri, manifest["model_path"]), cfg.artifacts.local_cache))
     if cfg.predict.precision != "model":  # else compute as trained: the same numbers as the evaluation
         precision, reason = resolve_precision(cfg.predict.precision)
@@ -205,18 +156,18 @@ def predict_into(cfg: PipelineConfig, predictor: Predictor, input_path: str, out
     metadata = {**WRITTEN_BY, "model_fingerprint": predictor.fingerprint, "model_uri": predictor.uri,
                 "label_names": json.dumps(predictor.manifest.get("label_names")), "input": input_path,
                 **(extra_metadata or {})}
-    chunks = read_chunks(cfg, input_path, predictor.image_shape)
+    batches = read_images(cfg, input_path, predictor.image_shape)
     with tempfile.TemporaryDirectory(prefix="tfpipe-predict-") as scratch:
         # A bucket has no rename: write locally, then one upload (a whole object or none).
         local_output = Path(scratch) / "predictions.parquet" if remote else Path(output)
-        rows = write_predictions(chunks, predictor, local_output, metadata, input_path)
-        digest = file_sha256(str(local_output))
+        rows = write_predictions(batches, predictor, local_output, metadata, input_path)
+        digest = storage.sha256(str(local_output))
         if remote:
             storage.upload_file(str(local_output), output)
     return rows, digest
 
 
-def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path: Path, metadata: dict,
+def write_predictions(batches: Iterator[Batch], predictor: Predictor, output_path: Path, metadata: dict,
                       input_path: str) -> int:
     """Stream the predictions into a temporary file beside `output_path`, then rename it into place; on any
     error nothing is left behind. Returns the number of rows."""
@@ -227,16 +178,17 @@ def write_predictions(chunks: Iterator[Chunk], predictor: Predictor, output_path
     writer, rows = None, 0
     try:
         with progress_bar("predict", None, "rows") as update:
-            for images, keys in chunks:
+            for batch in batches:
+                images = batch.images
                 if list(images.shape[1:]) != predictor.image_shape:
                     raise PipelineError(f"{input_path}: images are {list(images.shape[1:])} but the model expects "
                                         f"{predictor.image_shape}: predict with a model trained on this kind of image")
                 if len(images) == 0:
                     continue
-                batch = _output_batch(predictor.forward(images), keys, rows, predictor.manifest.get("label_names"))
+                out = _output_batch(predictor.forward(images), batch.columns, rows, predictor.manifest.get("label_names"))
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, batch.schema.with_metadata(metadata))
-                writer.write_batch(batch)
+                    writer = pq.ParquetWriter(tmp, out.schema.with_metadata(metadata))
+                writer.write_batch(out)
                 rows += len(images)
                 update(advance=len(images))
         if writer is None:
@@ -264,33 +216,23 @@ def remove_dead_temp_files(output_path: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def input_hash(input_path: str) -> str:
     """A content hash of a prediction input, so stored predictions are keyed on what was predicted."""
-    if input_path.startswith("cache:"):
+    if input_path.startswith(CACHE_PREFIX):
         return input_path
     files = [input_path] if input_path.endswith(".npz") else parquet_files(input_path)
     digest = hashlib.sha256()
     for path in files:
         if not storage.exists(path):
             raise PipelineError(f"{path} does not exist: check the path")
-        digest.update(file_sha256(path).encode())
+        digest.update(storage.sha256(path).encode())
     return digest.hexdigest()
 
 
 def batch_predict(cfg: PipelineConfig, model_fingerprint: str, dataset: DatasetArtifact) -> PredictionArtifact:
     """The pipeline's batch predictions, kept in the store: the blessed model on `predict.input` (default: the
     dataset's test split), keyed on the model, the input's content and the predict config."""
-    input_ref = cfg.predict.input or f"cache:{dataset.fingerprint}/test"
+    input_ref = cfg.predict.input or f"{CACHE_PREFIX}{dataset.fingerprint}/test"
     input_fp = dataset.fingerprint if cfg.predict.input is None else input_hash(input_ref)
     fp = fingerprint({"model": model_fingerprint, "input": input_fp, "predict": cfg.predict.model_dump(mode="json"),
                       "image_column": cfg.data.image_column, "code": PREDICT_CODE_VERSION})

@@ -10,7 +10,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from pipeline_config import AugmentConfig
-from tasks.artifacts import DatasetArtifact, join
+from tasks.artifacts import DatasetArtifact
+from tasks.storage import join
 from tasks.augment import augment_batch
 
 FEATURES = {

@@ -1,26 +1,30 @@
-"""The ingest sources, read as streams of row batches so that memory is bounded by `data.ingest_batch_rows`, not
-by the data.
+"""Every input of images, read as streams of row batches so that memory is bounded by the batch, not the data:
+the one reader shared by ingest (`open_source`: labelled train and test splits) and prediction
+(`read_images`: any input, labels or not).
 
 Parquet streams row group by row group (`ParquetFile.iter_batches`), TFDS streams through its `tf.data`
-pipeline, embedded MNIST is Parquet. An `.npz` cannot stream: NumPy reads each array of the zip archive whole,
-so an npz source takes its arrays' size in memory (it is meant for small, Keras-style datasets).
+pipeline, embedded MNIST is Parquet, a cache split (`cache:FINGERPRINT[/SPLIT]`) streams its TFRecord shards. An
+`.npz` cannot stream: NumPy reads each array of the zip archive whole, so an npz input takes its arrays' size in
+memory (it is meant for small, Keras-style datasets).
 
-Each batch comes with where it is ("PATH rows A..B") for error messages, and with the values of
-`data.split_key` when that is set (Parquet only), which the validation split hashes instead of the row index.
+Each batch comes with where it is ("PATH rows A..B") for error messages, and with the other columns asked for:
+`data.split_key` for ingest (the validation split hashes it instead of the row index), `predict.key_columns`
+for prediction (passed through to the output).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline_config import DataConfig
+from pipeline_config import DataConfig, PipelineConfig
 from tasks import storage
-from tasks.artifacts import file_sha256
+from tasks.artifacts import CACHE_PREFIX, local_dataset, resolve_cache_ref
 from tasks.errors import PipelineError, first_line
 from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, load_npz,
                           normalise_shape, open_parquet, parquet_files, schema_metadata)
@@ -33,10 +37,10 @@ SPLITS = ("train", "test")
 @dataclass
 class Batch:
     images: np.ndarray  # uint8 [n, h, w, c]
-    labels: np.ndarray  # int64 [n]
+    labels: np.ndarray | None  # int64 [n]; None where the input has no labels (prediction)
     first_row: int  # index of the batch's first row in its split
     where: str  # "PATH rows A..B", for messages
-    keys: np.ndarray | list | None = None  # data.split_key values, when set
+    columns: dict[str, pa.Array] = field(default_factory=dict)  # other columns asked for
 
 
 @dataclass
@@ -104,24 +108,27 @@ def _parquet_source(directory: str, cfg: DataConfig) -> Source:
         meta = schema_metadata(open_parquet(files[0]).schema_arrow)
         label_names = label_names or meta.get("label_names")
         total = sum(open_parquet(f).metadata.num_rows for f in files)
-        key = cfg.split_key if split == "train" else None  # the validation split is carved from train only
-        splits[split] = SplitStream(_parquet_batches(path, files, cfg, cfg.image_shape or meta.get("image_shape"), key),
-                                    min(total, cfg.limit) if cfg.limit else total)
+        keys = [cfg.split_key] if cfg.split_key and split == "train" else []  # validation is carved from train
+        batches = parquet_batches(path, files, cfg.image_column, cfg.label_column, keys,
+                                  cfg.image_shape or meta.get("image_shape"), cfg.ingest_batch_rows, cfg.limit)
+        splits[split] = SplitStream(batches, min(total, cfg.limit) if cfg.limit else total)
     return Source(splits, label_names, f"parquet:{directory}")
 
 
-def _parquet_batches(path: str, files: list[str], cfg: DataConfig, shape, key: str | None) -> Iterator[Batch]:
-    columns = [cfg.image_column, cfg.label_column] + ([key] if key else [])
+def parquet_batches(path: str, files: list[str], image_column: str, label_column: str | None, columns: list[str],
+                    shape: list[int] | None, rows: int, limit: int | None = None) -> Iterator[Batch]:
+    """The images (and labels, when `label_column` is named) of Parquet files, `rows` at a time, with the other
+    `columns` passed along; the first `limit` rows only, when set."""
     seen = 0
-    for batch in iter_parquet_batches(files, columns, cfg.ingest_batch_rows):
-        if cfg.limit and seen + batch.num_rows > cfg.limit:
-            batch = batch.slice(0, cfg.limit - seen)
+    for batch in iter_parquet_batches(files, [image_column, *([label_column] if label_column else []), *columns], rows):
+        if limit and seen + batch.num_rows > limit:
+            batch = batch.slice(0, limit - seen)
         where = f"{path} rows {seen}..{seen + batch.num_rows - 1}"
-        keys = batch.column(key).to_pylist() if key else None
-        yield Batch(decode_images(batch.column(cfg.image_column), shape, where),
-                    decode_labels(batch.column(cfg.label_column), where), seen, where, keys)
+        labels = decode_labels(batch.column(label_column), where) if label_column else None
+        yield Batch(decode_images(batch.column(image_column), shape, where), labels, seen, where,
+                    {c: batch.column(c) for c in columns})
         seen += batch.num_rows
-        if cfg.limit and seen >= cfg.limit:
+        if limit and seen >= limit:
             return
 
 
@@ -137,7 +144,7 @@ def _npz_source(path: Path, cfg: DataConfig) -> Source:
             raise PipelineError(f"{where}: {len(x)} images but {len(y)} labels: x and y must have the same length")
         y = _integer_labels(y, where)
         n = min(len(x), cfg.limit) if cfg.limit else len(x)
-        splits[split] = SplitStream(_array_batches(x[:n], y[:n], cfg.ingest_batch_rows, where), n)
+        splits[split] = SplitStream(array_batches(x[:n], y[:n], cfg.ingest_batch_rows, where), n)
     return Source(splits, None, f"npz:{path}")
 
 
@@ -153,10 +160,12 @@ def _integer_labels(y: np.ndarray, where: str) -> np.ndarray:
     return y
 
 
-def _array_batches(x: np.ndarray, y: np.ndarray, rows: int, where: str) -> Iterator[Batch]:
+def array_batches(x: np.ndarray, y: np.ndarray | None, rows: int, where: str) -> Iterator[Batch]:
+    """Keras-style image arrays (and labels, when given), `rows` at a time."""
     for start in range(0, len(x), rows):
         at = f"{where} rows {start}..{min(start + rows, len(x)) - 1}"
-        yield Batch(check_numpy_images(x[start: start + rows], at), y[start: start + rows], start, at)
+        labels = None if y is None else y[start: start + rows]
+        yield Batch(check_numpy_images(x[start: start + rows], at), labels, start, at)
 
 
 # ------------------------------------------------------------------------------------------------ TFDS
@@ -205,6 +214,39 @@ def _tfds_batches(ds, rows: int, where: str) -> Iterator[Batch]:
         seen += len(x)
 
 
+# ------------------------------------------------------------------------------------------------ cache split
+
+def cache_batches(cfg: PipelineConfig, ref: str, rows: int) -> Iterator[Batch]:
+    """The images and labels of a published dataset's split (or one shard of it), in stored order."""
+    from tasks.reader import make_dataset  # TensorFlow loads here, for cache inputs only
+
+    cache = resolve_cache_ref(cfg.artifacts.root, ref)
+    dataset = local_dataset(cache.dataset, cfg.artifacts.local_cache)  # from a bucket: staged, verified shards
+    files = [storage.join(dataset.uri, shard) for shard in cache.shards]
+    seen = 0
+    for images, labels in make_dataset(dataset, cache.split, rows, raw_uint8=True, files=files).as_numpy_iterator():
+        yield Batch(images, labels, seen, f"{ref} rows {seen}..{seen + len(images) - 1}")
+        seen += len(images)
+
+
+# ------------------------------------------------------------------------------------------------ prediction
+
+def read_images(cfg: PipelineConfig, input_path: str, model_shape: list[int]) -> Iterator[Batch]:
+    """Any prediction input, `predict.batch_size` rows at a time: a cache split (`cache:...`), an `.npz` with the
+    images as `x`, or Parquet (a file, a directory of parts, a URL) with `predict.key_columns` passed along. A
+    Parquet image shape comes from its metadata, `data.image_shape`, or the model's input."""
+    rows = cfg.predict.batch_size
+    if input_path.startswith(CACHE_PREFIX):
+        return cache_batches(cfg, input_path, rows)
+    if input_path.endswith(".npz"):
+        x = load_npz(input_path, ("x",), "an .npz input holds the images as an array x")["x"]
+        return array_batches(x, None, rows, f"{input_path} x")
+    files = parquet_files(input_path)
+    shape = schema_metadata(open_parquet(files[0]).schema_arrow).get("image_shape") or cfg.data.image_shape or model_shape
+    return parquet_batches(f"{input_path} ({cfg.data.image_column})", files, cfg.data.image_column, None,
+                           cfg.predict.key_columns, shape, rows)
+
+
 # ------------------------------------------------------------------------------------------------ hashing
 
 def source_hash(cfg: DataConfig) -> tuple[str, str]:
@@ -216,13 +258,13 @@ def source_hash(cfg: DataConfig) -> tuple[str, str]:
         files = [f for p in split_paths(where).values() for f in parquet_files(p)]
         if cfg.verify_source == "full" or kind == "mnist":  # the embedded copy is small: hashed whole, the same
             # fingerprint in every checkout (file times differ from one clone to the next)
-            return _digest(f"{_relative(f, where)}:{file_sha256(f)}" for f in files), "sha256 of every file"
+            return _digest(f"{_relative(f, where)}:{storage.sha256(f)}" for f in files), "sha256 of every file"
         return _digest(_parquet_identity(f, where) for f in files), "file size, modification time (ETag in a bucket) and Parquet footer"
     if kind == "npz":
         path = Path(where)
         if not path.is_file():
             raise PipelineError(f"{path} does not exist: {NPZ_LAYOUT}")
-        return _digest([f"{path.name}:{file_sha256(str(path))}"]), "sha256 of the file"
+        return _digest([f"{path.name}:{storage.sha256(str(path))}"]), "sha256 of the file"
     return _tfds_hash(where, cfg), "TFDS version and prepared file sizes"
 
 
@@ -254,4 +296,12 @@ def _tfds_hash(name: str, cfg: DataConfig) -> str:
 
 def expected_shape(cfg: DataConfig) -> list[int] | None:
     return normalise_shape(cfg.image_shape) if cfg.image_shape else None
+
+
+MNIST_SHAPE = [28, 28, 1]
+
+
+def known_image_shape(cfg: DataConfig) -> list[int] | None:
+    """The image shape before any row is read: data.image_shape, or the embedded MNIST's; else None."""
+    return expected_shape(cfg) or (MNIST_SHAPE if cfg.source == "mnist" else None)
 

@@ -47,10 +47,17 @@ def join(*parts: str) -> str:
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for `path`, and the path as that filesystem names it."""
-    if "://" in path and path.split("://", 1)[0] == "gs":
+    """The fsspec filesystem for `path`, and the path as that filesystem names it.
+
+    A bucket's listings are not cached: s3fs and gcsfs keep the listings they made (a `find` stores every
+    directory it saw) and answer later `ls`, `info` and `open` from them, so in a long-lived process (`tfpipe
+    serve`, a run waiting on a lease) a manifest or a checkpoint written since by another process would look
+    missing."""
+    if is_local(path):
+        return fsspec.core.url_to_fs(path)
+    if path.split("://", 1)[0] == "gs":
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # else gcsfs probes over gRPC first
-    return fsspec.core.url_to_fs(path)
+    return fsspec.core.url_to_fs(path, use_listings_cache=False)
 
 
 def exists(path: str) -> bool:
@@ -131,6 +138,29 @@ def file_identity(path: str) -> str:
         raise PipelineError(f"{path} does not exist: check the path") from None
     stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime")
     return sha256_text(f"{info.get('size')}:{stamp}")
+
+
+def _as_given(path: str, names: list[str]) -> list[str]:
+    """Paths an fsspec filesystem returned, in the form `path` was given (a URL keeps its scheme), sorted."""
+    scheme = "" if is_local(path) else path.split("://", 1)[0] + "://"
+    return sorted(f"{scheme}{name}" for name in names)
+
+
+def is_dir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.isdir(p)
+
+
+def find(path: str) -> list[str]:
+    """Every file under the directory or prefix `path`, as paths or URLs like `path`, sorted."""
+    fs, p = filesystem(path)
+    return _as_given(path, fs.find(p))
+
+
+def glob(pattern: str) -> list[str]:
+    """The files a glob pattern matches, as paths or URLs like it, sorted."""
+    fs, p = filesystem(pattern)
+    return _as_given(pattern, fs.glob(p))
 
 
 def listdir(path: str) -> list[str]:

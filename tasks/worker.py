@@ -12,17 +12,17 @@ import os
 import sys
 
 from pipeline_config import ConfigError, PipelineConfig, load_config
-from tasks.artifacts import DatasetArtifact, read_manifest
+from tasks.artifacts import DatasetArtifact, dataset_artifact, read_manifest
 from tasks.cluster import broadcast_text, lost_worker_errors, multi_worker_strategy, worker_role
 from tasks.errors import PipelineError
-from tasks.ingest import dataset_artifact, ingest
+from tasks.ingest import ingest
 
 
 def ingest_on_cluster(cfg: PipelineConfig) -> DatasetArtifact:
     """The chief ingests; every other worker gets the cache it names (the strategy is created first of all)."""
     strategy = multi_worker_strategy(cfg.train)
     chief, index = worker_role(strategy)
-    with lost_worker_errors(strategy, cfg.train.collective_timeout_s):
+    with lost_worker_errors(cfg.train):
         if chief:
             try:
                 dataset = ingest(cfg.data, cfg.artifacts.root, cfg.rebuilds("ingest"))
@@ -43,7 +43,7 @@ def ingest_on_cluster(cfg: PipelineConfig) -> DatasetArtifact:
 
 def ingest_for(cfg: PipelineConfig) -> DatasetArtifact:
     """The dataset for a training run: ingested here, or under multi_worker through the chief."""
-    if cfg.train.strategy == "multi_worker":
+    if cfg.train.in_cluster:
         return ingest_on_cluster(cfg)
     return ingest(cfg.data, cfg.artifacts.root, cfg.rebuilds("ingest"))
 
@@ -52,15 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tasks import configure_logging
     from tasks.devices import configure_devices
+    from tasks.model import check_model_config
     from tasks.train import train
 
     configure_logging()
     args = sys.argv[1:] if argv is None else argv
     try:
         cfg = load_config(args[0] if args else None)
-        if cfg.train.strategy != "multi_worker":
+        if not cfg.train.in_cluster:
             raise ConfigError("config error: train.strategy: a worker runs with multi_worker")
         configure_devices(cfg.train)  # the strategy, before any other TensorFlow op
+        check_model_config(cfg)
         train(cfg, ingest_on_cluster(cfg))
     except (ConfigError, PipelineError) as exc:
         print(f"tfpipe: {'' if isinstance(exc, ConfigError) else 'error: '}{exc}", file=sys.stderr)

@@ -90,6 +90,64 @@ def write_parquet_source(directory: Path, train: tuple, test: tuple, image_type:
     return directory
 
 
+class LineWatch:
+    """A process's output read line by line on a thread, so that a test can wait for a line it prints (a real
+    event) with a deadline instead of sleeping."""
+
+    def __init__(self, stream):
+        import threading
+
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append(None)  # end of output
+            self.changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> str:
+        """The first line matching the regular expression `pattern`; AssertionError at the end of output or after
+        `timeout` seconds."""
+        import re
+
+        deadline = time.time() + timeout
+        seen = 0
+        with self.changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if line is None:
+                        raise AssertionError(f"output ended without {pattern!r}: {self.text()[-3000:]}")
+                    if re.search(pattern, line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.time()
+                if left <= 0:
+                    raise AssertionError(f"no line {pattern!r} within {timeout:.0f}s: {self.text()[-3000:]}")
+                self.changed.wait(left)
+
+    def text(self) -> str:
+        """Everything read so far (all of it, once the process has ended and `join` returned)."""
+        return "".join(line for line in self.lines if line is not None)
+
+    def join(self, timeout: float = 30) -> str:
+        self.thread.join(timeout)
+        return self.text()
+
+
+def saved_epochs(checkpoint_index: str) -> int:
+    """The epochs a training work dir's checkpoint says are done, from its `checkpoints/checkpoint` index text: the
+    newest checkpoint is number `epochs done` (an epoch's end saves ckpt-<epoch>; a kill saves nothing more)."""
+    import re
+
+    return int(re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', checkpoint_index, re.M).group(1))
+
+
 def artifacts_under(root: Path) -> list[Path]:
     """Every file under an artifact root except the lease files (`.leases/`), which are not artifacts."""
     return [p for p in root.rglob("*") if p.is_file() and ".leases" not in p.relative_to(root).parts] \
@@ -113,6 +171,19 @@ def trained(tmp_path_factory):
     dataset = ingest(cfg.data, cfg.artifacts.root)
     model = train(cfg, dataset)
     return cfg, dataset, model
+
+
+def copy_of(trained, destination: Path):
+    """The session's published root copied to `destination`, with the config and references pointing there: for
+    tests that change a root (a champion, more models), so that the session's own stays as it was made."""
+    import shutil
+
+    cfg, dataset, model = trained
+    shutil.copytree(cfg.artifacts.root, destination)
+    moved = cfg.model_copy(deep=True)
+    moved.artifacts.root = str(destination)
+    relocate = lambda ref: ref.model_copy(update={"uri": ref.uri.replace(cfg.artifacts.root, str(destination))})  # noqa: E731
+    return moved, relocate(dataset), relocate(model)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import json
 
-from tasks.champion import read_champion
+from tasks.champion import read_champion, user_name
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.train import train
@@ -23,14 +23,18 @@ def test_models_promote_and_rollback(root, tmp_path):
     cfg_a, cfg_b = make_config(root, *SETS, "train.seed=1"), make_config(root, *SETS, "train.seed=2")
     dataset = ingest(cfg_a.data, cfg_a.artifacts.root)
     a = train(cfg_a, dataset)
-    assert evaluate(cfg_a, dataset, a).blessed
+    evaluated_a = evaluate(cfg_a, dataset, a)
+    assert evaluated_a.blessed
     b = train(cfg_b, dataset)
-    assert evaluate(cfg_b, dataset, b).champion_after == b.fingerprint
+    evaluated_b = evaluate(cfg_b, dataset, b)
+    assert evaluated_b.champion_after == b.fingerprint
     code, out, _ = invoke_cli("models", "--set", f"artifacts.root={root}", "--json")
     rows = json.loads(out)
     assert code == 0 and [r["fingerprint"] for r in rows] == [b.fingerprint, a.fingerprint]
     assert [r["champion"] for r in rows] == [True, False] and all(r["gate"] == "blessed" for r in rows)
-    assert all(0 <= r["test_accuracy"] <= 1 and r["precision"] for r in rows)
+    assert [(r["test_accuracy"], r["macro_f1"]) for r in rows] == [
+        (e.metrics["accuracy"], e.metrics["macro_f1"]) for e in (evaluated_b, evaluated_a)]
+    assert [r["precision"] for r in rows] == [b.precision, a.precision]
     code, out, _ = invoke_cli("models", "--set", f"artifacts.root={root}")
     assert f"* {b.fingerprint[:12]}" in out and f"  {a.fingerprint[:12]}" in out
 
@@ -38,7 +42,7 @@ def test_models_promote_and_rollback(root, tmp_path):
     assert code == 0 and a.fingerprint in out, err
     assert predicted_by(root, tmp_path, "1.parquet") == a.fingerprint  # prediction follows at once
     champion = read_champion(str(root))
-    assert champion["current"]["decision"] == "rollback" and champion["current"]["user"]
+    assert champion["current"]["decision"] == "rollback" and champion["current"]["user"] == user_name()
     assert [h["model_fingerprint"] for h in champion["history"]] == [b.fingerprint, a.fingerprint]
     assert b.fingerprint in champion["demoted"]
     # the gate does not bring a rolled-back model back ...
@@ -50,8 +54,9 @@ def test_models_promote_and_rollback(root, tmp_path):
     assert code == 0, err
     assert predicted_by(root, tmp_path, "2.parquet") == b.fingerprint
     current = read_champion(str(root))["current"]
-    assert current["decision"] == "manual" and current["reason"] == "fixes the label-7 drift" and current["user"]
-    assert current["accuracy"] is not None and b.fingerprint not in read_champion(str(root))["demoted"]
+    assert current["decision"] == "manual" and current["reason"] == "fixes the label-7 drift"
+    assert current["user"] == user_name() and current["accuracy"] == evaluated_b.metrics["accuracy"]
+    assert current["evaluation_uri"] == evaluated_b.uri and b.fingerprint not in read_champion(str(root))["demoted"]
 
     code, _, err = invoke_cli("promote", b.fingerprint, "--reason", "again", "--set", f"artifacts.root={root}")
     assert code == 1 and err.strip() == f"tfpipe: error: model {b.fingerprint[:12]} is already the champion"

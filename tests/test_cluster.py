@@ -17,7 +17,7 @@ from tasks.cluster import free_port, worker_env
 from tasks.ingest import ingest
 from tasks.reader import decode_batch, per_worker_dataset_fn
 from tasks.model import load_model
-from tests.conftest import REPO, invoke_cli, make_config, run_cli
+from tests.conftest import REPO, finish, invoke_cli, make_config, run_cli, saved_epochs
 
 
 def weight_digests(stderr: str) -> dict[int, str]:
@@ -37,7 +37,7 @@ def test_two_local_workers_train_identical_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     artifact = json.loads(result.stdout)
     assert artifact["replicas"] == 2 and artifact["mode"] == "custom" and artifact["epochs"] == 2
-    assert artifact["strategy"] == "MultiWorkerMirroredStrategy" or "Collective" in artifact["strategy"]
+    assert artifact["strategy"] == "MultiWorkerMirroredStrategy"
     digests = weight_digests(result.stderr)
     assert set(digests) == {0, 1} and digests[0] == digests[1]
     model = load_model(f"{artifact['uri']}/model.keras")
@@ -108,13 +108,14 @@ def test_fit_with_multi_worker_is_rejected():
 
 def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    result = run_cli("train", "--set", f"artifacts.root={tmp_path}", "--set", "train.strategy=multi_worker")
-    assert result.returncode == 1 and "needs TF_CONFIG" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = invoke_cli("train", "--set", f"artifacts.root={tmp_path}", "--set", "train.strategy=multi_worker")
+    assert code == 1 and err.startswith("tfpipe: error: train.strategy=multi_worker needs TF_CONFIG") and "\n" == err[-1:]
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_killed_worker_fails_the_other_in_bounded_time_and_relaunch_resumes(tmp_path):
     root = tmp_path / "artifacts"
-    sets = [f"artifacts.root={root}", "data.limit=2400", "train.epochs=3", "train.batch_size=64",
+    sets = [f"artifacts.root={root}", "data.limit=1600", "train.epochs=3", "train.batch_size=64",
             "train.collective_timeout_s=30", "train.precision=float32"]
     cfg = make_config(root, *sets[1:], "train.strategy=multi_worker")
     config = tmp_path / "workers.yaml"
@@ -130,25 +131,27 @@ def test_killed_worker_fails_the_other_in_bounded_time_and_relaunch_resumes(tmp_
                 assert p.poll() is None, p.communicate()[1][-3000:]
             time.sleep(0.05)
         os.killpg(procs[1].pid, signal.SIGKILL)
-        killed_at = time.time()
-        _, err = procs[0].communicate(timeout=120)
-        waited = time.time() - killed_at
-        assert procs[0].returncode not in (0, None)
-        assert waited < 30 + 60, waited  # the collective timeout plus slack, not forever
-        assert "worker 0 lost contact with worker 1 during training" in err, err[-3000:]
-        assert "collective timeout 30s. Relaunch the cluster: it resumes from the last checkpoint" in err
+        _, err = procs[0].communicate(timeout=30 + 90)  # the collective timeout, with slack: bounded, not forever
+        assert procs[0].returncode == 1, err[-3000:]
+        last = err.strip().splitlines()[-1]  # one line, naming the lost worker and what to do
+        assert last.startswith("tfpipe: error: worker 0 lost contact with worker 1 during training ("), err[-3000:]
+        assert last.endswith("; collective timeout 30s. Relaunch the cluster: it resumes from the last checkpoint")
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     assert not [p for p in (root / "train").iterdir() if not p.name.startswith(".")]  # nothing published
+    done = saved_epochs(next(root.glob("train/.work-*/checkpoints/checkpoint")).read_text())
 
-    args = [a for s in sets for a in ("--set", s)]
-    result = run_cli("train", *args, "--set", "train.local_workers=2", "--json", timeout=400)
-    assert result.returncode == 0, result.stderr[-4000:]
-    artifact = json.loads(result.stdout)
-    assert 1 <= artifact["resumed_from_epoch"] < 3
+    ports = [free_port(), free_port()]  # the cluster relaunched, as an operator does: it resumes
+    relaunched = [subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--config", str(config), "--json"],
+                                   cwd=REPO, env=worker_env(ports, i), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True) for i in range(2)]
+    results = finish(relaunched, timeout=400)
+    assert [p.returncode for p in relaunched] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    artifact = json.loads(results[0][0])
+    assert 1 <= done < 3 and artifact["resumed_from_epoch"] == done
     history = json.load(open(f"{artifact['uri']}/history.json"))
     assert [h["epoch"] for h in history["epochs"]] == [1, 2, 3]
 

@@ -76,6 +76,27 @@ def test_cli_rejects_bad_config_with_exit_2_before_any_work(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_a_bad_model_config_is_rejected_before_ingest(tmp_path):
+    """model.layers is checked before ingest writes anything: on the embedded MNIST (its shape is known) the stack
+    is built, so a pool that shrinks the map below 1x1 fails; on a source whose shape is known only from its rows,
+    every layer is still made, so an unknown type or a bad argument fails."""
+    from tests.conftest import invoke_cli
+
+    pool = "model.layers=[{type: Conv2D, filters: 4, kernel_size: 3}, {type: MaxPool2D, pool_size: 64}, {type: Flatten}]"
+    code, _, err = invoke_cli("train", "--set", f"artifacts.root={tmp_path}/a", "--set", pool)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("tfpipe: config error: model.layers[1] (MaxPool2D): cannot apply to input of shape "
+                               "(None, 26, 26, 4)")
+    assert not (tmp_path / "a").exists()
+    unknown = "model.layers=[{type: Conv3D, filters: 4}, {type: Flatten}]"
+    # an npz source that does not even exist: the model config is refused first
+    code, _, err = invoke_cli("train", "--set", f"artifacts.root={tmp_path}/b", "--set",
+                              f"data.source=npz:{tmp_path}/none.npz", "--set", unknown)
+    assert code == 2 and err.startswith("tfpipe: config error: model.layers[0] (Conv3D): unknown layer type: use one of ")
+    assert not (tmp_path / "b").exists()
+
+
 def test_schema_holds_every_default_and_default_yaml_is_a_copy_of_it():
     from pipeline_config import PipelineConfig
 

@@ -64,7 +64,7 @@ def test_training_flow_completes_reports_and_skips_cached_stages(prefect_server,
                       "report": "Completed"}
     logs = flow_logs(first_id, expect="gate: blessed")
     assert "gate: blessed" in logs
-    epoch_lines = [line for line in logs.splitlines() if "epoch 1/1" in line.lower() or line.startswith("Epoch 1")]
+    epoch_lines = [line for line in logs.splitlines() if line.startswith("epoch 1/1")]
     assert len(epoch_lines) == 1 and "val_accuracy=" in epoch_lines[0], epoch_lines  # one structured line per epoch
 
     artifacts = run_artifacts(first_id)
@@ -83,9 +83,8 @@ def test_training_flow_completes_reports_and_skips_cached_stages(prefect_server,
     tags = api(lambda c: c.read_flow_run(first_id)).tags
     assert {f"dataset:{summary.dataset.fingerprint[:12]}", f"model:{summary.model.fingerprint[:12]}"} <= set(tags)
 
-    started = time.perf_counter()
     again = training_pipeline(overrides=overrides, return_state=True)
-    assert again.is_completed() and time.perf_counter() - started < 30
+    assert again.is_completed()
     states = task_states(again.state_details.flow_run_id)
     assert states["ingest"] == "Cached" and states["train"] == "Cached" and states["predict"] == "Cached"
     assert again.result().model.fingerprint == summary.model.fingerprint
@@ -107,10 +106,13 @@ def test_serve_schedules_training_runs_on_demand_prediction_and_refuses_what_ser
 
     root, allowed = tmp_path / "served-root", tmp_path / "allowed"
     allowed.mkdir()
+    inputs = tmp_path / "test-500.parquet"
+    pq.write_table(pq.read_table(MNIST / "test.parquet").slice(0, 500), inputs)
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--set", f"artifacts.root={root}",
                               "--set", "schedule.cron=15 3 * * *", "--set", "train.batch_size=50",
-                              "--set", "evaluate.min_accuracy=0.05", "--set", f"serve.allowed_outputs=[{allowed}]"],
+                              "--set", "evaluate.min_accuracy=0.05", "--set", f"serve.allowed_outputs=[{allowed}]",
+                              "--set", f"serve.allowed_inputs=[{tmp_path}]"],
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     try:
@@ -134,18 +136,11 @@ def test_serve_schedules_training_runs_on_demand_prediction_and_refuses_what_ser
 
         output = allowed / "served.parquet"
         run = run_deployment("batch-prediction/on-demand", timeout=240, parameters={
-            "model": "champion", "input": str(MNIST / "test.parquet"), "output": str(output)})
+            "model": "champion", "input": str(inputs), "output": str(output)})
         assert run.state.is_completed(), (run.state, serve.stdout.read1(100000) if serve.poll() else "")
         table = pq.read_table(output)
-        assert table.num_rows == 10000 and table.schema.metadata[b"model_fingerprint"].decode() == models[0].name
-
-        # the same deployment from Prefect's own CLI
-        second = allowed / "from-cli.parquet"
-        cli = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "batch-prediction/on-demand",
-                              "-p", "model=champion", "-p", f"input={MNIST / 'test.parquet'}", "-p", f"output={second}",
-                              "--watch", "--watch-timeout", "240"], env=env, capture_output=True, text=True, timeout=300)
-        assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
-        assert pq.read_table(second).num_rows == 10000
+        assert table.num_rows == 500 and table.schema.metadata[b"model_fingerprint"].decode() == models[0].name
+        # (the same deployment from Prefect's own CLI: tests/test_postgres.py)
 
         # what serve does not allow fails at once, in one line naming the parameter, and writes nothing
         other_root = tmp_path / "other-root"
@@ -154,8 +149,7 @@ def test_serve_schedules_training_runs_on_demand_prediction_and_refuses_what_ser
             ({"overrides": {"artifacts.root": str(other_root)}}, "parameter overrides sets artifacts.root, which a caller cannot change"),
         ]  # inputs, other places, config_file and the other override rules: tests/test_policy.py
         for extra, expected in refusals:
-            parameters = {"model": "champion", "input": str(MNIST / "test.parquet"),
-                          "output": str(allowed / "refused.parquet"), **extra}
+            parameters = {"model": "champion", "input": str(inputs), "output": str(allowed / "refused.parquet"), **extra}
             run = run_deployment("batch-prediction/on-demand", timeout=240, parameters=parameters)
             assert run.state.is_failed(), (extra, run.state)
             assert f"served run refused: {expected}" in run.state.message and "\n" not in run.state.message
@@ -185,7 +179,9 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server):
     assert training.entrypoint == "flows/training.py:training_pipeline"
 
 
-def test_cli_run_prints_the_summary(prefect_server, tmp_path):
+def test_cli_run_prints_the_summary_blessed_or_not(prefect_server, tmp_path):
+    """The summary on stdout; a gate that refuses the model is a normal outcome: exit 0, the decision and no
+    predictions. (The whole command in a new process on a temporary server: tests/test_newcomer.py.)"""
     from tests.conftest import invoke_cli
 
     args = [a for k, v in {**TINY, "artifacts.root": str(tmp_path / "a")}.items() for a in ("--set", f"{k}={v}")]
@@ -197,22 +193,14 @@ def test_cli_run_prints_the_summary(prefect_server, tmp_path):
     model_line = next(line for line in lines if line.startswith("model: "))
     assert model_line.split()[1].endswith("model.keras") and (tmp_path / "a" / "train").is_dir()
 
-
-def test_tfpipe_run_without_a_server_uses_a_temporary_one_and_reports_not_blessed(tmp_path):
-    """The Quickstart path: no PREFECT_API_URL, Prefect starts its temporary server for the run. A gate that
-    refuses the model is a normal outcome: exit 0, the decision and no predictions."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    sets = {**TINY, "artifacts.root": str(tmp_path / "a"), "evaluate.min_accuracy": 0.99}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    strict = [a for k, v in {**TINY, "artifacts.root": str(tmp_path / "b"), "evaluate.min_accuracy": 0.99}.items()
+              for a in ("--set", f"{k}={v}")]
+    code, out, err = invoke_cli("run", *strict)
+    assert code == 0, err
+    lines = out.strip().splitlines()
     assert lines[1].startswith("gate: NOT blessed (min_accuracy: accuracy ") and "< 0.9900" in lines[1]
     assert "champion: none" in lines and "predictions: none (no champion)" in lines
-    assert "Beginning flow run" in proc.stderr  # the run went through Prefect (its temporary server) ...
-    assert "temporary server" not in proc.stderr.lower()  # ... whose start-up notes stay out of a quiet run
-    assert not (tmp_path / "a" / "champion.json").exists() and not (tmp_path / "a" / "predict").exists()
+    assert not (tmp_path / "b" / "champion.json").exists() and not (tmp_path / "b" / "predict").exists()
 
 
 def test_tfpipe_run_as_two_multi_worker_workers(prefect_server, tmp_path):
@@ -232,38 +220,37 @@ def test_tfpipe_run_as_two_multi_worker_workers(prefect_server, tmp_path):
         assert p.returncode == 0, err[-3000:]
         assert "Collective ops must be configured" not in err
     chief_out, worker_out = outputs[0][0], outputs[1][0]
-    assert "\ntest accuracy: " in chief_out and "predictions: " in chief_out
-    assert chief_out.startswith("Epoch 1, Loss: ")  # the custom loop's seed line, in the terminal only
-    assert "trained as one worker; the chief evaluates" in worker_out
+    assert chief_out.startswith("test accuracy: ") and "predictions: " in chief_out  # stdout: the summary alone
+    assert "epoch 1/1: " in outputs[0][1]  # the custom loop's epoch line is a log line, on stderr
+    assert worker_out.startswith("model: ") and "trained as one worker; the chief evaluates" in worker_out
     models = [p.name for p in (root / "train").iterdir() if not p.name.startswith(".")]
     assert len(models) == 1 and models[0] in worker_out and models[0] in chief_out
     assert json.load(open(root / "train" / models[0] / "manifest.json"))["replicas"] == 2
 
 
-def run_while_the_server_dies(tmp_path, restart: bool, env: dict) -> tuple[subprocess.CompletedProcess, float, str]:
-    """`tfpipe run` against a server that is killed once training has checkpointed its first epoch (and, with
-    `restart`, started again on the same port and database 3 s later). Returns (result, seconds, API URL)."""
+def run_while_the_server_dies(tmp_path, restart: bool, env: dict) -> tuple[subprocess.CompletedProcess, str]:
+    """`tfpipe run` against a server that is killed once training has checkpointed its first epoch. With
+    `restart`, the server starts again on the same port and database once the model is published: the run's next
+    call to the API (the train task's final state) then meets a server that is down, and goes through the client's
+    retries. Returns (result, API URL)."""
     from tasks.cluster import free_port
 
     port, home, root = free_port(), tmp_path / "prefect-home", tmp_path / "artifacts"
     server = start_server(home, port)
     url = f"http://127.0.0.1:{port}/api"
-    sets = {"data.limit": 6000, "train.epochs": 4, "train.batch_size": 64, "artifacts.root": str(root)}
+    sets = {"data.limit": 1500, "train.epochs": 3, "train.batch_size": 64, "evaluate.min_accuracy": 0.5,
+            "artifacts.root": str(root)}
     run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]],
                            cwd=REPO, env={**os.environ, **env, "PREFECT_API_URL": url, "PREFECT_HOME": str(home)},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(root.glob("train/.work-*/checkpoints/checkpoint")):
-            assert run.poll() is None, run.communicate()[1][-3000:]
-            time.sleep(0.05)
+        wait_for(lambda: list(root.glob("train/.work-*/checkpoints/checkpoint")), run)
         kill_server(server)
-        killed = time.time()
         if restart:
-            time.sleep(3)
+            wait_for(lambda: published(root, "train"), run)
             server = start_server(home, port)
         out, err = run.communicate(timeout=400)
-        return subprocess.CompletedProcess(run.args, run.returncode, out, err), time.time() - killed, url
+        return subprocess.CompletedProcess(run.args, run.returncode, out, err), url
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -272,30 +259,43 @@ def run_while_the_server_dies(tmp_path, restart: bool, env: dict) -> tuple[subpr
             kill_server(server)
 
 
+def wait_for(found, proc: subprocess.Popen, timeout: float = 240):
+    """Poll `found()` until it returns something true while `proc` runs; that value."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = found()
+        if value:
+            return value
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f}s")
+
+
 def published(root, stage: str) -> list:
     return [p for p in (root / stage).iterdir() if (p / "manifest.json").exists()] if (root / stage).exists() else []
 
 
 def test_server_lost_for_good_the_stages_publish_and_the_run_exits_in_one_line(tmp_path):
     # Few client retries, so the test does not wait out the default back-off (about a minute per call).
-    result, seconds, url = run_while_the_server_dies(tmp_path, restart=False, env={"PREFECT_CLIENT_MAX_RETRIES": "1"})
+    result, url = run_while_the_server_dies(tmp_path, restart=False, env={"PREFECT_CLIENT_MAX_RETRIES": "1"})
     assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"tfpipe: error: lost the Prefect server at {url} (") and last.endswith(
         "the stages that finished published their outputs: re-run once the server is back and they are reused")
-    assert seconds < 120
     root = tmp_path / "artifacts"
     assert len(published(root, "train")) == 1 and len(published(root, "ingest")) == 1  # training finished its work
     assert not list((root / "train").glob(".work-*"))
 
 
-def test_server_restarted_within_a_minute_the_run_completes(tmp_path):
-    result, _, url = run_while_the_server_dies(tmp_path, restart=True, env={})
+def test_server_restarted_while_the_run_needs_it_the_run_completes(tmp_path):
+    result, url = run_while_the_server_dies(tmp_path, restart=True, env={})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "\ntest accuracy: " in "\n" + result.stdout and "gate: BLESSED" in result.stdout
+    assert result.stdout.startswith("test accuracy: ") and "gate: BLESSED" in result.stdout
     server = start_server(tmp_path / "prefect-home", int(url.split(":")[2].split("/")[0]))
     try:
         runs = httpx.post(f"{url}/flow_runs/filter", json={}, timeout=10).json()
-        assert [(r["name"] != "", r["state_type"]) for r in runs] == [(True, "COMPLETED")]
+        assert [r["state_type"] for r in runs] == ["COMPLETED"]
+        assert httpx.get(f"{url}/flows/{runs[0]['flow_id']}", timeout=10).json()["name"] == "training-pipeline"
     finally:
         kill_server(server)

@@ -49,3 +49,21 @@ def test_bad_model_configs_fail_naming_the_layer(layers, match):
     with pytest.raises(ConfigError, match=match) as info:
         build_model(cfg.model, [28, 28, 1], 10, cfg.train.loss)
     assert "\n" not in str(info.value)
+
+
+def test_a_seeded_model_starts_the_same_whatever_else_draws_random_numbers():
+    """Keras draws unseeded initializers from Python's global `random`, which Prefect's and Dask's threads use
+    too: training seeds every initializer and dropout from train.seed, so other draws change nothing."""
+    import random
+
+    import numpy as np
+
+    cfg = load_config()
+    first = build_model(cfg.model, [28, 28, 1], 10, cfg.train.loss, seed=42)
+    random.random()  # what another thread may do between two runs
+    again = build_model(cfg.model, [28, 28, 1], 10, cfg.train.loss, seed=42)
+    other = build_model(cfg.model, [28, 28, 1], 10, cfg.train.loss, seed=43)
+    for a, b in zip(first.get_weights(), again.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first.get_weights()[0], other.get_weights()[0])
+    assert [layer.seed for layer in first.layers if type(layer).__name__ == "Dropout"] == [42006, 42015, 42019]

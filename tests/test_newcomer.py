@@ -46,6 +46,8 @@ def test_the_readme_quick_run_works_on_a_new_prefect_home_twice(tmp_path):
     first = run(command, env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Traceback" not in first.stdout + first.stderr
+    assert "Beginning flow run" in first.stderr  # the run went through Prefect (its temporary server) ...
+    assert "temporary server" not in first.stderr.lower()  # ... whose start-up notes stay out of a quiet run
     summary = first.stdout.splitlines()
     assert [line.split(":")[0] for line in summary[:-1]] == ["test accuracy", "gate", "model", "champion",
                                                              "predictions", "report"], first.stdout

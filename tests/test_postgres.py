@@ -76,19 +76,21 @@ def test_training_flow_and_an_on_demand_deployment_on_a_postgres_backed_server(p
         assert "gate: BLESSED" in trained.stdout
 
         serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--set", f"artifacts.root={root}",
-                                  "--set", f"serve.allowed_outputs=[{tmp_path}]"],
+                                  "--set", f"serve.allowed_outputs=[{tmp_path}]",
+                                  "--set", f"serve.allowed_inputs=[{tmp_path}]"],
                                  cwd=REPO, env=client_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
-        output = tmp_path / "served.parquet"
+        output, inputs = tmp_path / "served.parquet", tmp_path / "test-500.parquet"
+        pq.write_table(pq.read_table(MNIST / "test.parquet").slice(0, 500), inputs)
         deadline, run = time.time() + 120, None
         while run is None or (run.returncode != 0 and "not found" in run.stderr + run.stdout and time.time() < deadline):
             time.sleep(1)
             run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "batch-prediction/on-demand",
-                                  "-p", "model=champion", "-p", f"input={MNIST / 'test.parquet'}", "-p",
+                                  "-p", "model=champion", "-p", f"input={inputs}", "-p",
                                   f"output={output}", "--watch", "--watch-timeout", "240"], env=client_env,
                                  capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-        assert pq.read_table(output).num_rows == 10000
+        assert pq.read_table(output).num_rows == 500
 
         # the runs live in PostgreSQL
         query = subprocess.run(as_postgres_user([*psql, "-d", "prefect", "-tA", "-c",

@@ -10,13 +10,13 @@ from tasks.evaluate import evaluate
 from tasks.errors import PipelineError
 from tasks.predict import predict
 from tasks.model import load_model
-from tests.conftest import MNIST, invoke_cli, mnist_arrays, write_parquet_source
+from tests.conftest import MNIST, copy_of, invoke_cli, mnist_arrays, write_parquet_source
 
 
 @pytest.fixture(scope="module")
-def champion(trained):
-    """The session's tiny model, evaluated so the gate blesses it."""
-    cfg, dataset, model = trained
+def champion(trained, tmp_path_factory):
+    """The session's tiny model in a copy of its root, evaluated there so the gate blesses it."""
+    cfg, dataset, model = copy_of(trained, tmp_path_factory.mktemp("predict") / "artifacts")
     evaluation = evaluate(cfg, dataset, model)
     assert evaluation.blessed, evaluation.reasons
     return cfg, dataset, model, evaluation

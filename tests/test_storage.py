@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import storage
-from tests.conftest import MNIST, REPO, finish, invoke_cli, run_cli
+from tests.conftest import MNIST, REPO, LineWatch, finish, invoke_cli, run_cli, saved_epochs
 
 TINY = {"data.limit": 300, "train.epochs": 1, "train.batch_size": 50, "evaluate.min_accuracy": 0.05}
 
@@ -93,9 +93,9 @@ def test_ingest_train_evaluate_predict_on_a_gcs_root(gcs, tmp_path):
     assert json.loads(out)["cache_hit"] is True
 
 
-def test_killed_on_one_machine_resumes_on_another_with_an_empty_scratch(s3, tmp_path):
+def test_killed_on_one_machine_resumes_on_another_with_an_empty_scratch(s3, tmp_path, monkeypatch, caplog):
     root = "s3://tfp/resume"
-    common = {"artifacts.root": root, "data.limit": 3000, "train.epochs": 4, "train.batch_size": 64,
+    common = {"artifacts.root": root, "data.limit": 2000, "train.epochs": 3, "train.batch_size": 64,
               "train.precision": "float32"}
     first = tmp_path / "machine-a"
     first.mkdir()
@@ -115,35 +115,61 @@ def test_killed_on_one_machine_resumes_on_another_with_an_empty_scratch(s3, tmp_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    with storage.open_file(f"{root}/train/{mirrored[0]}", "r") as f:
+        done = saved_epochs(f.read())  # what the bucket's copy of the killed run's work dir holds
     second = tmp_path / "machine-b"
     second.mkdir()
-    result = run_cli("train", "--json", *sets({**common, "artifacts.local_cache": second / "cache"}), cwd=second,
-                     env={"PYTHONPATH": str(REPO)})  # this checkout's code, from another directory
-    assert result.returncode == 0, result.stderr[-3000:]
-    artifact = json.loads(result.stdout)
-    assert artifact["resumed_from_epoch"] >= 1, result.stderr[-3000:]
-    assert "fetched the checkpoints of an earlier run" in result.stderr
-    assert "(its process is gone)" in result.stderr  # the lease of the killed run, on this same host: no 90 s wait
-    assert [h["epoch"] for h in storage.read_json(f"{artifact['uri']}/history.json")["epochs"]] == [1, 2, 3, 4]
+    monkeypatch.chdir(second)  # another machine: another working directory, an empty local cache
+    with caplog.at_level("INFO", logger="tfpipe"):
+        code, out, err = invoke_cli("train", "--json", *sets({**common, "artifacts.local_cache": second / "cache"}))
+    assert code == 0, err
+    artifact = json.loads(out)
+    assert 1 <= done < 3 and artifact["resumed_from_epoch"] == done, caplog.text[-3000:]
+    assert "fetched the checkpoints of an earlier run" in caplog.text
+    assert "(its process is gone)" in caplog.text  # the lease of the killed run, on this same host: no 90 s wait
+    assert [h["epoch"] for h in storage.read_json(f"{artifact['uri']}/history.json")["epochs"]] == [1, 2, 3]
 
 
 def test_two_concurrent_publishes_of_one_fingerprint_leave_one_complete_output(s3, tmp_path):
+    """Two processes publish one fingerprint at once. The one that takes the lease writes until the test opens
+    the barrier (a file), which it does once the other has logged that it waits on that lease: the two overlap,
+    every time, and the waiter then reuses the writer's output."""
     script = """
-import sys, time
+import os, sys, time
+from tasks import configure_logging
 from tasks.artifacts import reuse_or_publish
+configure_logging()
+who, barrier = sys.argv[1], sys.argv[2]
 def write(out):
-    open(f"{out}/data.txt", "w").write(sys.argv[1] * 1000)
-    time.sleep(1.5)
-    return {"writer": sys.argv[1]}
+    open(f"{out}/data.txt", "w").write(who * 1000)
+    open(f"{barrier}.writer-{who}", "w").close()
+    while not os.path.exists(barrier):
+        time.sleep(0.02)
+    return {"writer": who}
 p = reuse_or_publish("s3://tfp/race", "stage", "f" * 64, write)
 print(p.cache_hit, p.manifest["writer"])
 """
-    procs = [subprocess.Popen([sys.executable, "-c", script, who], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for who in "ab"]
-    results = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in results]
-    outcomes = sorted(out.split() for out, _ in results)
-    assert [hit for hit, _ in outcomes] == ["False", "True"] and outcomes[0][1] == outcomes[1][1]
+    barrier = tmp_path / "go"
+    procs = {who: subprocess.Popen([sys.executable, "-c", script, who, str(barrier)], cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for who in "ab"}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(tmp_path.glob("go.writer-*")):
+            assert all(p.poll() is None for p in procs.values())
+            time.sleep(0.02)
+        writer = next(tmp_path.glob("go.writer-*")).name[-1]
+        waiter = "b" if writer == "a" else "a"
+        LineWatch(procs[waiter].stderr).wait_for("stage ffffffffffff: waiting for the run that is building it")
+        barrier.touch()  # the waiter found the lease held: now the writer may finish
+        outs = {who: p.stdout.read() for who, p in procs.items()}
+        for p in procs.values():
+            p.wait(timeout=120)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    assert {who: out.split() for who, out in outs.items()} == {writer: ["False", writer], waiter: ["True", writer]}
     manifest = storage.read_json(f"s3://tfp/race/stage/{'f' * 64}/manifest.json")
     with storage.open_file(f"s3://tfp/race/stage/{'f' * 64}/data.txt", "r") as f:
         assert f.read() == manifest["writer"] * 1000  # the files are the committed writer's, whole
@@ -191,3 +217,16 @@ def test_a_wrong_bucket_or_missing_credentials_is_one_line(s3, tmp_path, problem
         assert lines[0].startswith(f"tfpipe: error: artifacts.root {root} cannot be reached (NoCredentialsError")
         assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in lines[0]
     assert not storage.files_under("s3://tfp/creds")
+
+
+def test_files_another_process_writes_are_seen_after_a_listing(s3):
+    """s3fs keeps the listings it made and answers `open`, `info` and `ls` from them: a manifest or a checkpoint
+    that another process writes after this one listed the prefix must still be found (a run waiting on a lease,
+    `tfpipe serve`)."""
+    from s3fs import S3FileSystem
+
+    storage.write_json("s3://tfp/seen/d/first.json", {"n": 1})
+    assert set(storage.files_under("s3://tfp/seen")) == {"d/first.json"}  # this process has listed d/ now
+    S3FileSystem(skip_instance_cache=True).pipe_file("tfp/seen/d/second.json", b'{"n": 2}')  # another client
+    assert storage.read_json("s3://tfp/seen/d/second.json") == {"n": 2}
+    assert storage.listdir("s3://tfp/seen/d") == ["first.json", "second.json"] and storage.exists("s3://tfp/seen/d/second.json")

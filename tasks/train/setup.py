@@ -1,0 +1,191 @@
+"""One training run's set-up: seeds, input pipelines, model and optimizer in the strategy scope, the stop
+request, all held by a TrainingRun that every later step is handed."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline_config import PipelineConfig
+from tasks.artifacts import DatasetArtifact, local_dataset
+from tasks.cluster import worker_role
+from tasks.devices import strategy_devices, strategy_name
+from tasks.errors import PipelineError
+from tasks.model import build_model
+from tasks.storage import join
+from tasks.reader import batch_count, make_dataset, per_worker_dataset_fn
+from tasks.train.checkpoints import mirror_dir, work_dir
+from tasks.train.objectives import LABEL_MODES
+from tasks.train.optimization import make_optimizer
+
+log = logging.getLogger("tfpipe.train")
+
+
+class StopRequest:
+    """SIGTERM (what Kubernetes, `prefect flow-run cancel` and `kill` send) asks training to stop before the next
+    batch, save a checkpoint and exit. Installed while training runs, in the main thread only (where Python
+    delivers signals). A worker of a multi_worker cluster does not catch it (`catch=False`): the workers must
+    stop at the same step, so a stopped worker makes the others fail within the collective timeout, and the
+    relaunched cluster resumes from the last epoch."""
+
+    def __init__(self, catch: bool = True) -> None:
+        self.signal: int | None = None
+        self.catch, self.previous = catch, None
+
+    def __enter__(self) -> "StopRequest":
+        if self.catch and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning("%s received: stopping before the next batch, after saving a checkpoint",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+@dataclass
+class TrainingRun:
+    """What one training run works with: built once by `start_run`, handed to every step after it."""
+
+    cfg: PipelineConfig
+    dataset: DatasetArtifact
+    strategy: tf.distribute.Strategy
+    precision: str
+    precision_reason: str
+    work: str
+    mirror: str | None  # the work dir's copy in the bucket, when the root is one
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    train_input: Callable[[int, int], Any]  # (epoch, batches to skip) -> that epoch's input, shuffled by seed + epoch
+    val_data: Any  # a tf.data.Dataset, or under multi_worker a function each worker builds its part with
+    stop: StopRequest
+
+    @property
+    def chief(self) -> bool:
+        return worker_role(self.strategy)[0]
+
+    @property
+    def worker_dir(self) -> str:
+        """Where this worker checkpoints: the work dir on the chief, a private one the other workers delete."""
+        chief, index = worker_role(self.strategy)
+        return self.work if chief else join(self.work, f".worker-{index}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.dataset.counts["train"], self.cfg.train.batch_size,
+                               self.strategy.num_replicas_in_sync)
+
+    def facts(self) -> dict:
+        """How the run trained, for the manifest and history.json."""
+        replicas = self.strategy.num_replicas_in_sync
+        return {"mode": self.cfg.train.mode, "strategy": strategy_name(self.strategy),
+                "devices": strategy_devices(self.strategy), "replicas": replicas,
+                "global_batch_size": self.cfg.train.batch_size,
+                "per_replica_batch_size": self.cfg.train.batch_size // replicas, "precision": self.precision,
+                "precision_reason": self.precision_reason}
+
+
+def start_run(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
+              precision: tuple[str, str], fp: str) -> TrainingRun:
+    """Seeds, input pipelines, model and optimizer for one run."""
+    tc = cfg.train
+    replicas = strategy.num_replicas_in_sync
+    if tc.batch_size % replicas:
+        raise PipelineError(f"train.batch_size={tc.batch_size} does not split evenly over {replicas} replicas: "
+                            f"use a multiple of {replicas}")
+    if replicas > 1 and dataset.counts["train"] < tc.batch_size:
+        raise PipelineError(f"train.batch_size={tc.batch_size} is more than the {dataset.counts['train']} training "
+                            f"records, and {replicas} replicas train on whole batches only: lower train.batch_size")
+    log.info("precision %s (%s); %s over %d replica(s) %s, global batch %d = %d per replica", precision[0],
+             precision[1], strategy_name(strategy), replicas, strategy_devices(strategy), tc.batch_size,
+             tc.batch_size // replicas)
+    keras.utils.set_random_seed(tc.seed)
+    if tc.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    dataset = local_dataset(dataset, cfg.artifacts.local_cache)  # from a bucket: staged, verified shards
+    train_input, val_data = training_inputs(cfg, dataset, strategy)
+    model, optimizer = build_for_training(cfg, dataset, strategy, precision[0])
+    return TrainingRun(cfg, dataset, strategy, precision[0], precision[1], work_dir(cfg, fp), mirror_dir(cfg, fp),
+                       model, optimizer, train_input, val_data, StopRequest(catch=not tc.in_cluster))
+
+
+def class_weights(cfg: PipelineConfig, dataset: DatasetArtifact) -> list[float] | None:
+    """train.class_weight as one weight per class index: `balanced` is n / (classes * count of the class) over
+    the training split's class histogram (scikit-learn's rule), a mapping sets some classes (the rest weigh 1)."""
+    setting, classes = cfg.train.class_weight, dataset.num_classes
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        counts = np.asarray(dataset.class_histograms.get("train", []), np.float64)
+        if len(counts) != classes:
+            raise PipelineError(f"train.class_weight=balanced needs the class histogram of {dataset.uri}, which "
+                                f"its manifest lacks: run ingest again with --rerun ingest")
+        return [float(counts.sum() / (classes * c)) if c else 0.0 for c in counts]
+    unknown = sorted(k for k in setting if k >= classes)
+    if unknown:
+        raise PipelineError(f"train.class_weight names class {unknown[0]}, but the dataset has {classes} classes "
+                            f"(0-{classes - 1}): fix the mapping")
+    return [float(setting.get(k, 1.0)) for k in range(classes)]
+
+
+def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
+                    strategy: tf.distribute.Strategy) -> tuple[Callable[[int, int], Any], Any]:
+    """((epoch, skip) -> training input, validation input): pipelines over the whole cache, or under multi_worker
+    dataset functions that give each worker its own part of it. Each epoch's shuffle is seeded by train.seed +
+    epoch, so a resumed run reads epoch k in the same order as an uninterrupted one, and a run stopped in the
+    middle of an epoch resumes by skipping the batches it had trained on."""
+    tc = cfg.train
+    replicas = strategy.num_replicas_in_sync
+    make = per_worker_dataset_fn if tc.in_cluster else make_dataset
+    weights = class_weights(cfg, dataset)
+    if weights is not None:
+        log.info("class weights: %s", ", ".join(f"{i}={w:.3g}" for i, w in enumerate(weights)))
+    if cfg.data.augment.flip and dataset.image_shape[-1] == 1:
+        log.warning("data.augment.flip mirrors single-channel images: right for photos, wrong for digits and text")
+
+    def train_input(epoch: int, skip: int = 0):
+        # Several replicas train on whole batches only: a short last batch can leave a replica an empty one,
+        # which oneDNN's convolutions on CPU fail on (less than one batch of an epoch is left out).
+        data = make(dataset, "train", tc.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed + epoch,
+                    label_mode=LABEL_MODES[tc.loss], drop_remainder=replicas > 1, augment=cfg.data.augment,
+                    class_weights=weights)
+        if not skip:
+            return data
+        return data.skip(skip) if isinstance(data, tf.data.Dataset) else (lambda context: data(context).skip(skip))
+
+    if tc.in_cluster or replicas == 1:  # per_worker_dataset_fn gives every replica the same number of records
+        return train_input, make(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss])
+    # The last validation batch must split evenly over the replicas: one left empty fails the convolutions, and
+    # Keras' evaluation in fit fails on unequal parts (AddN of unequal shapes). Validate on a multiple of the
+    # replica count (at most replicas - 1 records fewer).
+    count = dataset.counts["validation"]
+    return train_input, make_dataset(dataset, "validation", tc.batch_size, label_mode=LABEL_MODES[tc.loss],
+                                     records=count - count % replicas)
+
+
+def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
+                       precision: str) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """Model and optimizer, both created inside the strategy scope (the optimizer built, as the custom loop needs)."""
+    with strategy.scope():
+        model = build_model(cfg.model, dataset.image_shape, dataset.num_classes, cfg.train.loss, precision,
+                            seed=cfg.train.seed)
+        steps = steps_per_epoch(dataset.counts["train"], cfg.train.batch_size, strategy.num_replicas_in_sync)
+        optimizer = make_optimizer(cfg, precision, steps)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def steps_per_epoch(records: int, batch_size: int, replicas: int) -> int:
+    """Batches in one epoch: every record, or on several replicas whole batches only (see training_inputs)."""
+    return batch_count(records, batch_size, drop_remainder=replicas > 1)
