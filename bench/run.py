@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench import in_fresh_process
 from tasks.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +35,7 @@ MNIST_TEST = REPO / "data" / "mnist" / "test.parquet"
 
 
 def worker(name: str, args: dict, env: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bench.worker", name, json.dumps(args)], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise SystemExit(f"bench worker {name} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return in_fresh_process("bench.worker", name, args, env)
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:

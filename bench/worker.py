@@ -255,8 +255,6 @@ def _cpu_times() -> list[int]:
 
 def predict(args: dict) -> dict:
     """The predict stage (Parquet in, Parquet out) against raw model.predict on the same images in memory."""
-    import numpy as np
-
     from pipeline_config import load_config
     from tasks.images import decode_images
     from tasks.predict import predict as run_predict
@@ -266,7 +264,7 @@ def predict(args: dict) -> dict:
 
     cfg = load_config(overrides=[f"artifacts.root={args['root']}"])
     table = pq.read_table(args["input"])
-    x = decode_images(table.column("image"), [28, 28, 1], "bench").astype(np.float32) / 255.0
+    x = decode_images(table.column("image"), [28, 28, 1], "bench")  # uint8: the model scales its own input
     model = load_model(f"{args['model_uri']}/model.keras")
     model.predict(x[:2048], batch_size=cfg.predict.batch_size, verbose=0)  # warm-up
     stage, raw = [], []

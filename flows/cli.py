@@ -126,7 +126,7 @@ def evaluate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = F
 
 @app.command()
 def predict(model: Annotated[str, typer.Option(help="champion, a model directory, or a model fingerprint.")] = "champion",
-            input: Annotated[str, typer.Option("--input", "-i", help="Parquet file/dir/glob/URL, .npz with x, or cache:FINGERPRINT[/SPLIT].")] = ...,
+            input: Annotated[str, typer.Option("--input", "-i", help="Parquet file/dir/glob/URL, image files (a folder, glob or prefix), .npz with x, or cache:FINGERPRINT[/SPLIT].")] = ...,
             output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write (engine dask: a directory of parts).")] = ...,
             allow_unblessed: Annotated[bool, typer.Option(help="Predict with a model the gate did not bless.")] = False,
             overwrite: Annotated[bool, typer.Option(help="Replace an existing output (only one tfpipe wrote).")] = False,
@@ -184,11 +184,17 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False,
 
 
 @app.command()
-def models(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+def models(card: Annotated[Optional[str], typer.Option("--card", metavar="MODEL", help=(
+               "Print the model card of MODEL (champion, a directory or a fingerprint) instead."))] = None,
+           config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
     """List the published models, newest first: test metrics, gate decision, and which one is the champion."""
     from tasks.champion import list_models
+    from tasks.model_card import read_model_card
 
     cfg = _setup(config, set)
+    if card:
+        typer.echo(_guarded(lambda: read_model_card(cfg.artifacts.root, card, json_out)), nl=False)
+        return
     rows = _guarded(lambda: list_models(cfg.artifacts.root))
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
@@ -204,6 +210,25 @@ def models(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = Fal
                    f"{r['dataset_fingerprint'][:12]:14}{r['precision']:16}{number(r['test_accuracy'])}"
                    f"{number(r['macro_f1'])}  {r['gate'] or 'not evaluated'}")
     typer.echo("* the champion (tfpipe predict --model champion)")
+
+
+@app.command()
+def export(model: Annotated[str, typer.Option(help="champion, a model directory, or a model fingerprint.")] = "champion",
+           format: Annotated[list[str], typer.Option("--format", "-f", help="saved_model, tflite or onnx (repeatable); "
+                                                    "settings from the config's export section.")] = ...,
+           config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Add serving formats to a published model, each checked against Keras on test images first."""
+    from tasks.export import export_published
+
+    cfg = _setup(config, set)
+    manifest = _guarded(lambda: export_published(cfg, model, format))
+    if json_out:
+        typer.echo(json.dumps(manifest["exports"], indent=2))
+        return
+    for name in format:
+        entry = manifest["exports"][name]
+        typer.echo(f"{name}: {entry['path']} (agrees with Keras on {entry['parity']['label_agreement']:.2%} of "
+                   f"{entry['parity']['samples']} test images)")
 
 
 @app.command()

@@ -19,6 +19,7 @@ from tasks import predict as predict_stage
 from tasks import train as train_stage
 from tasks import storage
 from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names
+from tasks.model_card import CARD_MD
 from tasks.storage import join
 from tasks.worker import ingest_for
 
@@ -121,9 +122,14 @@ def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: 
         "| check | metric | observed | threshold | result |", "| --- | --- | --- | --- | --- |",
         *[f"| {r.check} | {r.metric} | {r.observed:.4f} | {r.threshold:.4f} | {'pass' if r.passed else 'FAIL'} |"
           for r in evaluation.reasons],
+        "## Serving formats (checked against Keras on test images)",
+        "| format | file | label agreement | largest probability difference |", "| --- | --- | --- | --- |",
+        *[f"| {name} | `{entry['path']}` | {figures['label_agreement']:.2%} of {figures['samples']} | "
+          f"{figures['max_abs_diff']:.2g} |" for name, entry in model.exports.items()
+          for figures in [entry["parity"]]],
         "## Artifacts",
         f"- dataset: `{dataset.uri}`",
-        f"- model: `{join(model.uri, model.model_path)}` (SavedModel `{join(model.uri, model.saved_model_path)}`)",
+        f"- model: `{join(model.uri, model.model_path)}`; its card: `{join(model.uri, CARD_MD)}`",
         f"- evaluation: `{evaluation.uri}`: " + ", ".join(f"[{p}]({join(evaluation.uri, p)})"
                                                          for p in [evaluation.metrics_path, *evaluation.plots]),
         f"- predictions: `{prediction.output}` ({prediction.rows} rows)" if prediction else "- predictions: none (no champion)",

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
-SOURCE_SCHEMES = ("mnist", "parquet:", "npz:", "tfds:")
+SOURCE_SCHEMES = ("mnist", "parquet:", "npz:", "tfds:", "folder:")
 
 
 # The seed's basic_cnn, layer for layer, with lighter dropout after the two convolution blocks (0.1 and 0.25
@@ -93,14 +93,41 @@ class DataConfig(Section):
     ingest_batch_rows: int = Field(10000, ge=1, description="rows decoded and written at a time: bounds ingest memory")
     split_key: str | None = Field(None, description="Parquet column hashed for the validation split (default: row index)")
     verify_source: Literal["metadata", "full"] = Field(
-        "metadata", description="Parquet source hash: size, mtime and footer (metadata) or every byte (full)")
+        "metadata", description="Parquet and folder source hash: sizes and mtimes or ETags (metadata) or every "
+        "byte (full)")
+    # Images of any size and mode (folder sources, encoded images in Parquet), made one shape once, at ingest.
+    image_size: list[int] | None = Field(None, description="[height, width] every image is resized to at ingest")
+    resize: Literal["stretch", "crop", "pad"] = Field(
+        "stretch", description="to image_size: stretch | crop (centre, to the aspect ratio) | pad (fit, then black)")
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "area"] = Field(
+        "bilinear", description="the resize filter (antialiased when shrinking)")
+    color_mode: Literal["auto", "rgb", "grayscale"] = Field(
+        "auto", description="auto: a folder is rgb when any image has colour; other sources keep each image's own")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="folder with no train/ and test/: the share "
+                                 "of files (a seeded hash of the path) in the test split")
+    class_names: list[str] | None = Field(None, description="folder: the classes in label order (default: the "
+                                          "directory names, sorted); files of other classes are skipped")
+    labels_file: str | None = Field(None, description="folder: a CSV or Parquet file of path,label[,split] rows "
+                                    "(paths relative to the folder), instead of class directories")
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail", description="an image that cannot be decoded: fail naming it, or skip it (listed in the manifest)")
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="skip: more bad images than this fails")
+    cache_encoding: Literal["raw", "png", "jpeg"] = Field(
+        "raw", description="how the cache stores pixels: raw bytes (fastest to read) or re-encoded (smaller)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         if value != "mnist" and not any(value.startswith(s) and len(value) > len(s) for s in SOURCE_SCHEMES[1:]):
-            raise ValueError(f"unknown source {value!r}: use mnist, parquet:PATH, npz:PATH or tfds:NAME")
+            raise ValueError(f"unknown source {value!r}: use mnist, parquet:PATH, npz:PATH, tfds:NAME or folder:PATH")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) != 2 or min(value) < 1):
+            raise ValueError("image_size must be [height, width] of positive sizes")
         return value
 
     @field_validator("image_shape")
@@ -118,9 +145,18 @@ class LayerSpec(BaseModel):
     type: str
 
 
+class ModelCardConfig(Section):
+    """What the model card says that no run can measure (not part of the model's fingerprint)."""
+
+    intended_use: str = "not stated: set model.card.intended_use"
+    limitations: str = "not stated: set model.card.limitations"
+    owners: list[str] = Field(default_factory=list)
+
+
 class ModelConfig(Section):
     name: str = "basic_cnn"
     layers: list[LayerSpec] = Field(default_factory=lambda: [LayerSpec(**layer) for layer in DEFAULT_LAYERS])
+    card: ModelCardConfig = Field(default_factory=ModelCardConfig)
 
 
 class OptimizerConfig(Section):
@@ -241,6 +277,20 @@ class EvaluateConfig(Section):
     batch_size: int = Field(1024, ge=1)
 
 
+class ExportConfig(Section):
+    """What train writes beside model.keras, each checked against Keras on test images before publishing."""
+
+    formats: list[Literal["saved_model", "tflite", "onnx"]] = Field(
+        default_factory=lambda: ["saved_model"], description="saved_model (two signatures: uint8 images, encoded "
+        "bytes), tflite (LiteRT), onnx; a published model missing one gets it on the next run")
+    tflite_quantization: Literal["none", "dynamic", "float16", "int8"] = Field(
+        "none", description="int8 calibrates on training images")
+    parity_samples: int = Field(512, ge=1, description="test images each format is checked on against Keras")
+    min_label_agreement: float = Field(0.999, ge=0, le=1, description="a format agreeing with Keras on fewer "
+                                       "labels than this fails the stage")
+    min_label_agreement_int8: float = Field(0.99, ge=0, le=1, description="the same for int8-quantized TFLite")
+
+
 class PredictConfig(Section):
     input: str | None = None
     batch_size: int = Field(1024, ge=1)
@@ -312,6 +362,7 @@ class PipelineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

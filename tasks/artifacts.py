@@ -224,12 +224,16 @@ class DatasetArtifact(ArtifactRef):
     label_names: list[str] | None = None
     shards: dict[str, list[str]]  # split -> shard file names relative to uri
     class_histograms: dict[str, list[int]] = {}  # split -> examples per class
+    image_format: dict = {}  # how ingest made the images one shape (tasks/decoding.py ImageFormat.settings)
+    encoding: str = "raw"  # how the records hold the pixels: raw, png or jpeg (data.cache_encoding)
 
 
 class ModelArtifact(ArtifactRef):
     dataset_fingerprint: str
     model_path: str
-    saved_model_path: str
+    saved_model_path: str | None = None  # None when export.formats leaves the SavedModel out
+    parameters: int | None = None  # None: a model published before manifests counted them
+    exports: dict[str, dict] = {}  # format -> path, settings and parity figures (tasks/export.py)
     history_path: str
     tensorboard_dir: str
     mode: str
@@ -249,7 +253,8 @@ class ModelArtifact(ArtifactRef):
     num_classes: int
     label_names: list[str] | None = None
     loss: str
-
+    input_pixels: str | None = None  # RAW_PIXELS; None: a model from before, which takes [0, 1] floats
+    image_format: dict = {}  # the dataset's, for images a prediction reads from files
 
 def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifact:
     """The reference to a published dataset, from its manifest."""
@@ -261,6 +266,7 @@ def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifa
         label_names=manifest["label_names"],
         shards={s: [sh["file"] for sh in info["shards"]] for s, info in manifest["splits"].items()},
         class_histograms={s: info["class_histogram"] for s, info in manifest["splits"].items()},
+        image_format=manifest.get("image_format") or {}, encoding=manifest.get("encoding", "raw"),
     )
 
 

@@ -38,6 +38,12 @@ def affine_transforms(cfg: AugmentConfig, seeds: tf.Tensor, size: tf.Tensor, hei
     return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
 
 
+def augment_pixels(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
+    """A uint8 batch augmented (through [0, 1] floats) and rounded back to uint8, what the model takes."""
+    out = augment_batch(tf.cast(images, tf.float32) / 255.0, seed, cfg)
+    return tf.cast(tf.round(tf.clip_by_value(out, 0.0, 1.0) * 255.0), tf.uint8)
+
+
 def augment_batch(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
     """A float batch [b, h, w, c] in [0, 1], augmented with the stateless `seed` (shape [2], int64)."""
     seeds = tf.random.experimental.stateless_split(seed, num=7)

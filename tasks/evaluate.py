@@ -19,7 +19,8 @@ from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, Mo
                              local_dataset, local_file, reuse_or_publish)
 from tasks.champion import current_champion, promote, resolve_model
 from tasks.errors import PipelineError
-from tasks.model import class_probabilities, load_model
+from tasks.model import class_probabilities, load_model, model_input
+from tasks.model_card import write_model_card
 from tasks.storage import join
 
 log = logging.getLogger("tfpipe.evaluate")
@@ -49,7 +50,7 @@ def predict_split(model, dataset: DatasetArtifact, split: str, batch_size: int) 
     from tasks.reader import make_dataset
 
     ds = make_dataset(dataset, split, batch_size, label_mode="sparse")  # a local (staged) dataset
-    forward = tf.function(lambda x: model(x, training=False))
+    forward = tf.function(lambda x: model(model_input(model, x), training=False))
     probs, labels = [], []
     for images, y in ds:
         probs.append(forward(images).numpy())
@@ -177,12 +178,14 @@ def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Mode
                        "evaluation_uri": published.uri, "promoted_at": time.time()})
     reasons = [GateReason(**r) for r in manifest["reasons"]]
     log.info("gate: %s (%s)", "blessed" if manifest["blessed"] else "NOT blessed", "; ".join(r.describe() for r in reasons))
-    return EvaluationArtifact(
+    evaluation = EvaluationArtifact(
         uri=published.uri, fingerprint=fp, cache_hit=published.cache_hit, model_fingerprint=model_artifact.fingerprint,
         dataset_fingerprint=dataset.fingerprint, metrics=manifest["metrics"], blessed=manifest["blessed"],
         reasons=reasons, champion_before=manifest["champion_before"],
         champion_after=(current_champion(root) or {}).get("model_fingerprint"),
         metrics_path=manifest["metrics_path"], plots=manifest["plots"])
+    log.info("model card: %s", write_model_card(cfg, dataset, model_artifact, evaluation))
+    return evaluation
 
 
 def measure(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: ModelArtifact, champion: dict,

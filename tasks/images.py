@@ -1,13 +1,13 @@
 """The one place that turns Parquet columns into image and label arrays (ingestion and prediction share it).
 
 Accepted image columns: raw uint8 pixels (`fixed_size_binary` or `binary`, shape from the schema metadata
-`image_shape` or `data.image_shape`), lists of numbers, encoded PNG/JPEG bytes, and the Hugging Face image
-struct `{bytes, path}`.
+`image_shape` or `data.image_shape`), lists of numbers, encoded image bytes (PNG, JPEG, GIF, BMP, WebP: decoded
+by tasks/decoding.py, of any size when `data.image_size` is set), and the Hugging Face image struct
+`{bytes, path}`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -17,13 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.decoding import IMAGE_MAGIC, ImageFormat, decode_image, resize_array
 from tasks.errors import PipelineError, first_line
-
-PNG_MAGIC = b"\x89PNG"
-JPEG_MAGIC = b"\xff\xd8\xff"
-# Encoded images are checked against their header before any pixel is decoded: the expected shape when one is
-# known, else this many pixels at most (a 60,000 x 60,000 PNG is a few MB on disk and 3.6 GB decoded).
-MAX_ENCODED_PIXELS = 4096 * 4096
 
 
 def parquet_files(path: str | Path) -> list[str]:
@@ -88,57 +83,33 @@ def iter_parquet_batches(files: list[str], columns: list[str], batch_size: int) 
             raise PipelineError(f"{path} could not be read ({first_line(exc)}): check the file") from None
 
 
-def declared_size(blob: bytes) -> tuple[int, int] | None:
-    """(height, width) from a PNG or JPEG header, without decoding; None when the header cannot be read."""
-    if blob[:4] == PNG_MAGIC:
-        if len(blob) < 24 or blob[12:16] != b"IHDR":
-            return None
-        return int.from_bytes(blob[20:24], "big"), int.from_bytes(blob[16:20], "big")
-    pos = 2  # JPEG: walk the segments to the frame header (SOF0..SOF15 but DHT, JPG, DAC)
-    while pos + 9 <= len(blob):
-        if blob[pos] != 0xFF:
-            return None
-        marker = blob[pos + 1]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(blob[pos + 5:pos + 7], "big"), int.from_bytes(blob[pos + 7:pos + 9], "big")
-        pos += 2 + int.from_bytes(blob[pos + 2:pos + 4], "big")
-    return None
 
 
-def _decode_one(blob: bytes | None, expected: list[int] | None, row: str) -> np.ndarray:
-    """One PNG/JPEG, its declared size checked before its pixels are decoded."""
-    from PIL import Image
-
-    if blob is None:
-        raise PipelineError(f"{row} has no image: drop empty rows before ingesting")
-    size = declared_size(blob)
-    if size is None:
-        raise PipelineError(f"{row} is not a decodable PNG/JPEG image (no readable header): check the image bytes")
-    if expected is not None and list(size) != expected[:2]:
-        raise PipelineError(f"{row} declares {size[0]}x{size[1]} pixels, expected {expected[0]}x{expected[1]}: "
-                            "it was not decoded; resize the images to one shape (or fix data.image_shape)")
-    if size[0] * size[1] > MAX_ENCODED_PIXELS:
-        raise PipelineError(f"{row} declares {size[0]}x{size[1]} pixels, over the limit of {MAX_ENCODED_PIXELS} (a "
-                            "decompression bomb?): it was not decoded")
-    try:
-        img = np.asarray(Image.open(io.BytesIO(blob), formats=("PNG", "JPEG")))
-    except Exception as exc:
-        raise PipelineError(f"{row} is not a decodable PNG/JPEG image ({first_line(exc)}): check the image bytes") from None
-    img = img[..., None] if img.ndim == 2 else img
-    if expected is not None and len(expected) == 3 and list(img.shape) != expected:
-        raise PipelineError(f"{row} decodes to {list(img.shape)}, expected {expected}: store every image with "
-                            "the same channels")
-    return img
-
-
-def _decode_encoded(blobs: list[bytes | None], shape: list[int] | None, where: str) -> np.ndarray:
-    """Every image must have `shape` (or the first image's shape when none is set)."""
+def _decode_encoded(blobs: list[bytes | None], shape: list[int] | None, where: str, fmt: ImageFormat) -> np.ndarray:
+    """Encoded images (tasks/decoding.py): resized to fmt.size when set; else every one must have `shape` (or the
+    first image's shape when none is set)."""
     images = []
     for i, blob in enumerate(blobs):
-        img = _decode_one(blob, shape, f"{where}: row {i}")
+        row = f"{where}: row {i}"
+        if blob is None:
+            raise PipelineError(f"{row} has no image: drop empty rows before ingesting")
+        img = decode_image(blob, row, fmt, shape)
+        if shape is not None and len(shape) == 3 and list(img.shape) != shape:
+            raise PipelineError(f"{row} decodes to {list(img.shape)}, expected {shape}: store every image with "
+                                "the same channels (or set data.color_mode)")
         shape = shape or list(img.shape)
         images.append(img)
     return np.stack(images).astype(np.uint8)
+
+
+def to_format(images: np.ndarray, fmt: ImageFormat | None) -> np.ndarray:
+    """Raw pixel arrays resized (and their channels converted) to the format, when it asks for another shape."""
+    if fmt is None:
+        return images
+    wanted_channels = fmt.channels or images.shape[-1]
+    if fmt.size is None or (list(images.shape[1:3]) == list(fmt.size) and images.shape[-1] == wanted_channels):
+        return images
+    return np.stack([resize_array(image, fmt) for image in images]) if len(images) else images
 
 
 def _check_length(length: int, shape: list[int] | None, where: str) -> list[int]:
@@ -154,8 +125,11 @@ def _check_length(length: int, shape: list[int] | None, where: str) -> list[int]
     return shape
 
 
-def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, where: str) -> np.ndarray:
-    """uint8 array [n, height, width, channels] from an image column, whatever its encoding."""
+def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, where: str,
+                  fmt: ImageFormat | None = None) -> np.ndarray:
+    """uint8 array [n, height, width, channels] from an image column, whatever its encoding; images of any size
+    made the format's size (data.image_size, encoded or raw)."""
+    fmt = fmt or ImageFormat()
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     shape = normalise_shape(shape)
@@ -166,17 +140,17 @@ def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, w
     if pa.types.is_struct(kind):
         if kind.get_field_index("bytes") < 0:
             raise PipelineError(f"{where}: image struct has no 'bytes' field: expected the Hugging Face image struct {{bytes, path}}")
-        return decode_images(column.field("bytes"), shape, where)
+        return decode_images(column.field("bytes"), shape, where, fmt)
     if pa.types.is_fixed_size_binary(kind):
         shape = _check_length(kind.byte_width, shape, where)
         data = np.frombuffer(column.buffers()[1], np.uint8, count=n * kind.byte_width, offset=column.offset * kind.byte_width)
-        return data.reshape(n, *shape)
+        return to_format(data.reshape(n, *shape), fmt)
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         if n == 0:
             return np.zeros((0, *(shape or [0, 0, 1])), np.uint8)
         first = column[0].as_py()
-        if first[:4] == PNG_MAGIC or first[:3] == JPEG_MAGIC:
-            return _decode_encoded(column.to_pylist(), shape, where)
+        if first.startswith(IMAGE_MAGIC):
+            return _decode_encoded(column.to_pylist(), shape, where, fmt)
         offset_type = np.int64 if pa.types.is_large_binary(kind) else np.int32
         offsets = np.frombuffer(column.buffers()[1], offset_type)[column.offset: column.offset + n + 1]
         lengths = np.diff(offsets)
@@ -186,7 +160,7 @@ def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, w
                                 "every image must have the same number of pixels")
         shape = _check_length(int(lengths[0]), shape, where)
         data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
-        return data.reshape(n, *shape)
+        return to_format(data.reshape(n, *shape), fmt)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         values = column.flatten()
         while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type):
@@ -207,9 +181,9 @@ def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, w
         arr = values.to_numpy(zero_copy_only=False)
         if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
             raise PipelineError(f"{where}: pixel values outside 0..255: store uint8 pixels")
-        return arr.astype(np.uint8).reshape(n, *shape)
+        return to_format(arr.astype(np.uint8).reshape(n, *shape), fmt)
     raise PipelineError(f"{where}: image column of type {kind} is not supported: use raw uint8 bytes, "
-                        "a list of numbers, or PNG/JPEG bytes")
+                        "a list of numbers, or encoded image bytes (PNG, JPEG, GIF, BMP, WebP)")
 
 
 def decode_labels(column: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:

@@ -15,7 +15,6 @@ order, shard after shard.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import time
@@ -27,9 +26,12 @@ from pipeline_config import DataConfig, fingerprint
 from tasks import storage
 from tasks.artifacts import DatasetArtifact, dataset_artifact, reuse_or_publish
 from tasks.storage import is_local, join
+from tasks.decoding import encode_image
 from tasks.errors import CorruptArtifact, PipelineError
 from tasks.progress import progress_bar
-from tasks.sources import SPLITS, Batch, expected_shape, open_source, source_hash
+from tasks.sources import SPLITS, expected_shape, open_source, source_hash
+from tasks.splits import below, row_hashes
+from tasks.streams import Batch
 
 log = logging.getLogger("tfpipe.ingest")
 
@@ -37,42 +39,8 @@ INGEST_CODE_VERSION = "3"  # 3: streamed in row batches, validation split by has
 STAGE = "ingest"
 # Keys of `data` that change what is written. The reader-only key (shuffle_buffer) and the batch size do not.
 INGEST_KEYS = ("source", "validation_fraction", "shards", "seed", "image_column", "label_column", "image_shape",
-               "limit", "tfds_data_dir", "split_key")
-_MASK = (1 << 64) - 1
-
-
-# ------------------------------------------------------------------------------------------ hashing rows
-
-def mix64(values: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer over uint64s: a well-spread hash, the same on every machine and every run."""
-    z = values.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def row_hashes(batch: Batch, seed: int, split_key: str | None = None) -> np.ndarray:
-    """A seeded 64-bit hash per row: of its index in the split, or of its `split_key` column's value."""
-    if split_key is None:
-        base = np.arange(batch.first_row, batch.first_row + len(batch.labels), dtype=np.uint64)
-    else:
-        keys = batch.columns[split_key].to_pylist()
-        base = np.fromiter((_key_hash(k, batch.where) for k in keys), np.uint64, len(keys))
-    offset = mix64(np.array([seed & _MASK], np.uint64))[0]
-    with np.errstate(over="ignore"):
-        return mix64(base + offset)
-
-
-def _key_hash(key, where: str) -> int:
-    if key is None:
-        raise PipelineError(f"{where}: a row has no data.split_key value: fill the column or unset data.split_key")
-    raw = key if isinstance(key, bytes) else str(key).encode()
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
-
-
-def in_validation(hashes: np.ndarray, fraction: float) -> np.ndarray:
-    return (hashes >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+               "limit", "tfds_data_dir", "split_key", "image_size", "resize", "interpolation", "color_mode",
+               "test_fraction", "class_names", "labels_file", "on_bad_image", "max_bad_fraction", "cache_encoding")
 
 
 # ------------------------------------------------------------------------------------------ TFRecords
@@ -139,8 +107,8 @@ class ShardSet:
     """The TFRecord shards of one split, written as batches arrive; counts and the class histogram are kept on
     the way. A shard that no record lands in is not created."""
 
-    def __init__(self, directory: str, split: str, shards: int, image_nbytes: int):
-        self.directory, self.split, self.shards = directory, split, shards
+    def __init__(self, directory: str, split: str, shards: int, image_nbytes: int, encoding: str = "raw"):
+        self.directory, self.split, self.shards, self.encoding = directory, split, shards, encoding
         self.encoder = ExampleEncoder(image_nbytes)
         self.nbytes = image_nbytes
         self.writers: dict[int, object] = {}
@@ -161,15 +129,19 @@ class ShardSet:
             if shard not in self.writers:
                 self.writers[shard] = tf.io.TFRecordWriter(join(self.directory, self.name(shard)))
             groups.append((shard, np.flatnonzero(shard_of_row == shard).tolist()))
-        list(_writer_pool().map(lambda group: self._append(*group, pixels, label_list), groups))
+        list(_writer_pool().map(lambda group: self._append(*group, pixels, images, label_list), groups))
         counts = np.bincount(labels, minlength=len(self.histogram))
         counts[: len(self.histogram)] += self.histogram
         self.histogram = counts
 
-    def _append(self, shard: int, rows: list[int], pixels: bytes, labels: list[int]) -> None:
+    def _append(self, shard: int, rows: list[int], pixels: bytes, images: np.ndarray, labels: list[int]) -> None:
         writer, encode, nb = self.writers[shard], self.encoder.encode, self.nbytes
         for row in rows:
-            writer.write(encode(pixels[row * nb: (row + 1) * nb], labels[row]))
+            if self.encoding == "raw":
+                writer.write(encode(pixels[row * nb: (row + 1) * nb], labels[row]))
+            else:  # PNG or JPEG bytes: a length of their own each
+                data = encode_image(images[row], self.encoding)
+                writer.write(ExampleEncoder(len(data)).encode(data, labels[row]))
         self.counts[shard] += len(rows)
 
     def close(self, num_classes: int) -> dict:
@@ -185,8 +157,8 @@ class ShardSet:
 class CacheWriter:
     """Routes each batch of the source to the train, validation and test shards."""
 
-    def __init__(self, directory: str, cfg: DataConfig):
-        self.directory, self.cfg = directory, cfg
+    def __init__(self, directory: str, cfg: DataConfig, split_key: str | None = None):
+        self.directory, self.cfg, self.split_key = directory, cfg, split_key
         self.shape: list[int] | None = None
         self.splits: dict[str, ShardSet] = {}
         self.placed = {"train": 0, "validation": 0}
@@ -195,13 +167,14 @@ class CacheWriter:
         self._check_shape(batch)
         if not self.splits:
             nbytes = int(np.prod(self.shape))
-            self.splits = {s: ShardSet(self.directory, s, self.cfg.shards, nbytes) for s in ("train", "validation", "test")}
+            self.splits = {s: ShardSet(self.directory, s, self.cfg.shards, nbytes, self.cfg.cache_encoding)
+                           for s in ("train", "validation", "test")}
         if split == "test":  # source order, shard after shard: predictions on it line up with the source rows
             rows = np.arange(batch.first_row, batch.first_row + len(batch.labels))
             bounds = np.linspace(0, total, self.cfg.shards + 1) if total else np.array([0, np.inf])
             self.splits["test"].write(batch.images, batch.labels, np.searchsorted(bounds, rows, side="right") - 1)
             return
-        val = in_validation(row_hashes(batch, self.cfg.seed, self.cfg.split_key), self.cfg.validation_fraction)
+        val = below(row_hashes(batch, self.cfg.seed, self.split_key), self.cfg.validation_fraction)
         for name, rows in (("train", ~val), ("validation", val)):
             count = int(rows.sum())
             if count:
@@ -214,7 +187,7 @@ class CacheWriter:
     def _check_shape(self, batch: Batch) -> None:
         shape = [int(s) for s in batch.images.shape[1:]]
         wanted = expected_shape(self.cfg)
-        if wanted is not None and shape != wanted:
+        if wanted is not None and shape[: len(wanted)] != wanted:
             raise PipelineError(f"{batch.where}: images are {shape}, data.image_shape says {self.cfg.image_shape}: "
                                 "fix data.image_shape")
         if self.shape is None:
@@ -284,7 +257,7 @@ def ingest(cfg: DataConfig, root: str, rebuild: bool = False) -> DatasetArtifact
 def write_cache(cfg: DataConfig, src_hash: str, hash_method: str, out: str) -> dict:
     """Stream the source's batches into the shards in `out`; returns the manifest body."""
     source = open_source(cfg)
-    cache = CacheWriter(out, cfg)
+    cache = CacheWriter(out, cfg, source.split_key)
     for split in SPLITS:
         stream = source.splits[split]
         with progress_bar(f"ingest {split}", stream.total, "rows") as update:
@@ -296,8 +269,9 @@ def write_cache(cfg: DataConfig, src_hash: str, hash_method: str, out: str) -> d
     body = cache.finish(source.label_names)
     train, val = body["splits"]["train"]["count"], body["splits"]["validation"]["count"]
     return {**body, "source": source.description, "source_hash": src_hash, "source_hash_method": hash_method,
-            "dtype": "uint8", "label_names": source.label_names,
-            "validation_split": {"method": f"hash of column {cfg.split_key}" if cfg.split_key else "hash of row index",
+            "dtype": "uint8", "encoding": cfg.cache_encoding, "label_names": source.label_names,
+            "validation_split": {"method": f"hash of column {source.split_key}" if source.split_key else "hash of row index",
                                  "seed": cfg.seed, "fraction": cfg.validation_fraction,
                                  "actual_fraction": val / max(train + val, 1)},
-            "data_config": {k: getattr(cfg, k) for k in INGEST_KEYS}, "code_version": INGEST_CODE_VERSION}
+            **source.report, "data_config": {k: getattr(cfg, k) for k in INGEST_KEYS},
+            "code_version": INGEST_CODE_VERSION}

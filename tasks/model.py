@@ -1,9 +1,11 @@
 """Stage 2, model: build a Keras functional model from the `model.layers` config.
 
-The default config is the seed's `basic_cnn` with lighter dropout (see pipeline_config). The input shape and the
-number of classes come from the DatasetArtifact, the head from the loss: Dense(num_classes) + softmax, or
-Dense(1) + sigmoid for binary crossentropy. The output activation always computes in float32, whatever the
-precision policy.
+The default config is the seed's `basic_cnn` with lighter dropout (see pipeline_config). The model takes raw
+pixels: its input is uint8 [0, 255], as the cache and a client's images hold them, and its first layer scales them
+to [0, 1] (nothing else that ingest did not do), so `model.keras` and the SavedModel take the images a client has.
+The input shape and the number of classes come from the DatasetArtifact, the head from the loss:
+Dense(num_classes) + softmax, or Dense(1) + sigmoid for binary crossentropy. The output activation always
+computes in float32, whatever the precision policy.
 """
 
 from __future__ import annotations
@@ -45,6 +47,33 @@ def portable_copy(model: keras.Model) -> keras.Model:
     copy = type(model).from_config(model.get_config())  # clone_model would copy the compile config too
     copy.set_weights(model.get_weights())
     return copy
+
+
+def with_dtype_policy(model, policy: str):
+    """The same model computing in `policy`, output activation kept in float32 (weights copied)."""
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer is not model.layers[-1]:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    clone_ = keras.models.clone_model(model, clone_function=clone)
+    clone_.set_weights(model.get_weights())
+    return clone_
+
+
+RAW_PIXELS = "uint8 [0, 255], scaled in the model"  # what a train manifest's input_pixels says
+
+
+def model_input(model: keras.Model, images):
+    """uint8 images as `model` takes them: as they are, or, for a model published before models scaled their
+    own input (a float32 input, no input_pixels in its manifest), scaled to [0, 1] here."""
+    import tensorflow as tf
+
+    if model.inputs[0].dtype == "uint8":
+        return images
+    return tf.cast(images, tf.float32) / 255.0
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:
@@ -112,8 +141,8 @@ def build_model(model_cfg: ModelConfig, image_shape: list[int], num_classes: int
     if loss == "binary_crossentropy" and num_classes != 2:
         raise ConfigError(f"config error: train.loss: binary_crossentropy needs exactly 2 classes, the dataset has "
                           f"{num_classes}: use sparse_categorical_crossentropy or categorical_crossentropy")
-    inputs = keras.Input(shape=tuple(image_shape), name="image")
-    x = inputs
+    inputs = keras.Input(shape=tuple(image_shape), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 255, dtype=dtype_policy, name="scale_pixels")(inputs)
     for i, spec in enumerate(model_cfg.layers):
         where = f"config error: model.layers[{i}] ({spec.type})"
         layer = make_layer(spec, i, dtype_policy, seed)

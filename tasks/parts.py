@@ -22,6 +22,7 @@ from tasks import storage
 from tasks.artifacts import CACHE_PREFIX, PARTS_MANIFEST, resolve_cache_ref
 from tasks.champion import require_blessed, resolve_model
 from tasks.errors import PipelineError, first_line
+from tasks.folders import image_files
 from tasks.images import parquet_files
 from tasks.storage import join
 
@@ -35,6 +36,9 @@ def input_files(cfg: PipelineConfig, input_path: str) -> list[str]:
     if input_path.startswith(CACHE_PREFIX):
         cache = resolve_cache_ref(cfg.artifacts.root, input_path)
         return [cache.of_shard(shard) for shard in cache.shards]
+    if image_files(input_path) is not None:
+        raise PipelineError(f"{input_path} holds image files: the Dask engine scores Parquet files and cache splits, a "
+                            "part each; score images with the local engine (predict.engine=local)")
     if any(c in input_path for c in "*?["):
         files = storage.glob(input_path)
         if not files:

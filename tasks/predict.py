@@ -27,13 +27,15 @@ from pipeline_config import PipelineConfig, fingerprint
 from tasks import storage
 from tasks.artifacts import CACHE_PREFIX, DatasetArtifact, PredictionArtifact, local_file, reuse_or_publish, stage_dir
 from tasks.champion import require_blessed, resolve_model
+from tasks.decoding import ImageFormat
 from tasks.devices import resolve_precision
 from tasks.errors import PipelineError
 from tasks.images import parquet_files
 from tasks.lease import pid_alive
-from tasks.model import class_probabilities, load_model
+from tasks.model import class_probabilities, load_model, model_input, with_dtype_policy
 from tasks.progress import progress_bar
-from tasks.sources import Batch, read_images
+from tasks.sources import read_images
+from tasks.streams import Batch
 from tasks.storage import join
 
 log = logging.getLogger("tfpipe.predict")
@@ -56,21 +58,6 @@ def _output_batch(outputs: np.ndarray, keys: dict[str, pa.Array], first_row: int
     return pa.RecordBatch.from_pydict(columns)
 
 
-def with_dtype_policy(model, policy: str):
-    """The same model computing in `policy`, output activation kept in float32 (weights copied)."""
-    import keras
-
-    def clone(layer):
-        config = layer.get_config()
-        if layer is not model.layers[-1]:
-            config["dtype"] = policy
-        return layer.__class__.from_config(config)
-
-    clone_ = keras.models.clone_model(model, clone_function=clone)
-    clone_.set_weights(model.get_weights())
-    return clone_
-
-
 @dataclass
 class Predictor:
     """A published model ready to predict: its compiled forward pass over uint8 images, and what it is."""
@@ -83,6 +70,13 @@ class Predictor:
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
+
+    @property
+    def image_format(self) -> ImageFormat:
+        """How input images become the model's: as ingest made its training images (the dataset's size, resize
+        and interpolation, recorded in the model's manifest), in the model's channels."""
+        fmt = ImageFormat.from_settings(self.manifest.get("image_format"))
+        return ImageFormat(fmt.size, fmt.resize, fmt.interpolation, fmt.channels or self.image_shape[-1])
 
 
 def load_predictor(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -> Predictor:
@@ -99,7 +93,7 @@ def load_predictor(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -
         model = with_dtype_policy(model, precision)
         log.info("predicting in %s (%s)", precision, reason)
     shape = list(model.input_shape[1:])
-    forward = tf.function(lambda x: model(tf.cast(x, tf.float32) / 255.0, training=False),
+    forward = tf.function(lambda x: model(model_input(model, x), training=False),
                           input_signature=[tf.TensorSpec([None, *shape], tf.uint8)])
     return Predictor(model_uri, manifest, lambda images: forward(images).numpy(), shape)
 
@@ -156,7 +150,7 @@ def predict_into(cfg: PipelineConfig, predictor: Predictor, input_path: str, out
     metadata = {**WRITTEN_BY, "model_fingerprint": predictor.fingerprint, "model_uri": predictor.uri,
                 "label_names": json.dumps(predictor.manifest.get("label_names")), "input": input_path,
                 **(extra_metadata or {})}
-    batches = read_images(cfg, input_path, predictor.image_shape)
+    batches = read_images(cfg, input_path, predictor.image_format, predictor.image_shape)
     with tempfile.TemporaryDirectory(prefix="tfpipe-predict-") as scratch:
         # A bucket has no rename: write locally, then one upload (a whole object or none).
         local_output = Path(scratch) / "predictions.parquet" if remote else Path(output)

@@ -2,7 +2,7 @@
 
 The seed's `from_tensor_slices -> shuffle -> batch`, but from the cache: interleaved shard reads, shuffle,
 batch, then one vectorised `tf.io.parse_example` + `decode_raw` per batch (about 25x faster than parsing
-record by record), scale to [0, 1], prefetch.
+record by record), prefetch. Images stay uint8 [0, 255]: the model scales its own input (tasks/model.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tensorflow as tf
 from pipeline_config import AugmentConfig
 from tasks.artifacts import DatasetArtifact
 from tasks.storage import join
-from tasks.augment import augment_batch
+from tasks.augment import augment_pixels
 
 FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -24,11 +24,17 @@ def shard_paths(dataset: DatasetArtifact, split: str) -> list[str]:
     return [join(dataset.uri, name) for name in dataset.shards[split]]
 
 
-def decode_batch(serialized: tf.Tensor, image_shape: list[int]) -> tuple[tf.Tensor, tf.Tensor]:
-    """A batch of serialized Examples -> (uint8 images [b, h, w, c], int64 labels [b])."""
+def decode_batch(serialized: tf.Tensor, image_shape: list[int], encoding: str = "raw") -> tuple[tf.Tensor, tf.Tensor]:
+    """A batch of serialized Examples -> (uint8 images [b, h, w, c], int64 labels [b]): raw pixels in one
+    vectorised decode_raw, PNG or JPEG bytes decoded record by record."""
     parsed = tf.io.parse_example(serialized, FEATURES)
-    images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, *image_shape])
-    return images, parsed["label"]
+    if encoding == "raw":
+        images = tf.io.decode_raw(parsed["image"], tf.uint8)
+    else:
+        channels = image_shape[-1]
+        images = tf.map_fn(lambda data: tf.io.decode_image(data, channels=channels, expand_animations=False),
+                           parsed["image"], fn_output_signature=tf.TensorSpec([None, None, channels], tf.uint8))
+    return tf.reshape(images, [-1, *image_shape]), parsed["label"]
 
 
 def encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.Tensor:
@@ -47,7 +53,7 @@ def batch_count(records: int, batch_size: int, drop_remainder: bool) -> int:
 
 def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuffle_buffer: int | None = None,
                  seed: int | None = None, label_mode: str = "sparse", files: list[str] | None = None,
-                 raw_uint8: bool = False, record_shard: tuple[int, int] | None = None,
+                 record_shard: tuple[int, int] | None = None,
                  records: int | None = None, drop_remainder: bool = False, augment: AugmentConfig | None = None,
                  augment_stream: int = 0, class_weights: list[float] | None = None) -> tf.data.Dataset:
     """Batched (images, labels) from one split. `shuffle_buffer=None` keeps the stored order; `records` reads
@@ -80,14 +86,12 @@ def make_dataset(dataset: DatasetArtifact, split: str, batch_size: int, *, shuff
     weights = tf.constant(class_weights, tf.float32) if class_weights is not None else None
 
     def parse(index, serialized):
-        images, labels = decode_batch(serialized, image_shape)
-        if not raw_uint8:
-            images = tf.cast(images, tf.float32) / 255.0
+        images, labels = decode_batch(serialized, image_shape, dataset.encoding)
         if augment is not None:
             key = tf.stack([tf.constant(seed or 0, tf.int64), index])
             if augment_stream:  # another worker's input pipeline: augmentations of its own
                 key = tf.random.experimental.stateless_fold_in(key, augment_stream)
-            images = augment_batch(images, key, augment)
+            images = augment_pixels(images, key, augment)
         if weights is None:
             return images, encode_labels(labels, label_mode, num_classes)
         return images, encode_labels(labels, label_mode, num_classes), tf.gather(weights, labels)

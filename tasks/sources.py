@@ -15,45 +15,24 @@ for prediction (passed through to the output).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
 
 from pipeline_config import DataConfig, PipelineConfig
 from tasks import storage
 from tasks.artifacts import CACHE_PREFIX, local_dataset, resolve_cache_ref
+from tasks.decoding import ImageFormat
 from tasks.errors import PipelineError, first_line
+from tasks.folders import file_batches, folder_hash, folder_source, image_files, image_format
+from tasks.streams import Batch, Source, SplitStream
 from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, load_npz,
-                          normalise_shape, open_parquet, parquet_files, schema_metadata)
+                          normalise_shape, open_parquet, parquet_files, schema_metadata, to_format)
 
 EMBEDDED_MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist"
 NPZ_LAYOUT = "data.source=npz:PATH needs an .npz file with x_train, y_train, x_test, y_test (keras.datasets layout)"
 SPLITS = ("train", "test")
-
-
-@dataclass
-class Batch:
-    images: np.ndarray  # uint8 [n, h, w, c]
-    labels: np.ndarray | None  # int64 [n]; None where the input has no labels (prediction)
-    first_row: int  # index of the batch's first row in its split
-    where: str  # "PATH rows A..B", for messages
-    columns: dict[str, pa.Array] = field(default_factory=dict)  # other columns asked for
-
-
-@dataclass
-class SplitStream:
-    batches: Iterator[Batch]
-    total: int | None  # rows, when the source knows it up front (the test split's shards follow source order)
-
-
-@dataclass
-class Source:
-    splits: dict[str, SplitStream]
-    label_names: list[str] | None
-    description: str
 
 
 def scheme(source: str) -> tuple[str, str]:
@@ -68,14 +47,21 @@ def open_source(cfg: DataConfig) -> Source:
     if cfg.split_key and kind not in ("mnist", "parquet"):
         raise PipelineError(f"data.split_key={cfg.split_key!r} needs a Parquet source (a column to hash); "
                             f"{cfg.source} has none: unset it")
+    if kind != "folder" and cfg.labels_file:
+        raise PipelineError(f"data.labels_file labels a folder source; {cfg.source} has its labels: unset it")
+    if kind == "folder":
+        return folder_source(where, cfg)
+    fmt = image_format(cfg, {"rgb": 3, "grayscale": 1}.get(cfg.color_mode))  # auto: each image keeps its own
     if kind in ("mnist", "parquet"):
-        source = _parquet_source(where, cfg)
+        source = _parquet_source(where, cfg, fmt)
         if kind == "mnist":
             source.description = "mnist (embedded Parquet, data/mnist)"
-        return source
-    if kind == "npz":
-        return _npz_source(Path(where), cfg)
-    return _tfds_source(where, cfg)
+    elif kind == "npz":
+        source = _npz_source(Path(where), cfg, fmt)
+    else:
+        source = _tfds_source(where, cfg, fmt)
+    source.report["image_format"] = fmt.settings()
+    return source
 
 
 # ------------------------------------------------------------------------------------------------ Parquet
@@ -101,7 +87,7 @@ def split_paths(directory: str) -> dict[str, str]:
     return paths
 
 
-def _parquet_source(directory: str, cfg: DataConfig) -> Source:
+def _parquet_source(directory: str, cfg: DataConfig, fmt: ImageFormat) -> Source:
     splits, label_names = {}, None
     for split, path in split_paths(directory).items():
         files = parquet_files(path)
@@ -110,13 +96,14 @@ def _parquet_source(directory: str, cfg: DataConfig) -> Source:
         total = sum(open_parquet(f).metadata.num_rows for f in files)
         keys = [cfg.split_key] if cfg.split_key and split == "train" else []  # validation is carved from train
         batches = parquet_batches(path, files, cfg.image_column, cfg.label_column, keys,
-                                  cfg.image_shape or meta.get("image_shape"), cfg.ingest_batch_rows, cfg.limit)
+                                  cfg.image_shape or meta.get("image_shape"), cfg.ingest_batch_rows, cfg.limit, fmt)
         splits[split] = SplitStream(batches, min(total, cfg.limit) if cfg.limit else total)
-    return Source(splits, label_names, f"parquet:{directory}")
+    return Source(splits, label_names, f"parquet:{directory}", split_key=cfg.split_key)
 
 
 def parquet_batches(path: str, files: list[str], image_column: str, label_column: str | None, columns: list[str],
-                    shape: list[int] | None, rows: int, limit: int | None = None) -> Iterator[Batch]:
+                    shape: list[int] | None, rows: int, limit: int | None = None,
+                    fmt: ImageFormat | None = None) -> Iterator[Batch]:
     """The images (and labels, when `label_column` is named) of Parquet files, `rows` at a time, with the other
     `columns` passed along; the first `limit` rows only, when set."""
     seen = 0
@@ -125,7 +112,7 @@ def parquet_batches(path: str, files: list[str], image_column: str, label_column
             batch = batch.slice(0, limit - seen)
         where = f"{path} rows {seen}..{seen + batch.num_rows - 1}"
         labels = decode_labels(batch.column(label_column), where) if label_column else None
-        yield Batch(decode_images(batch.column(image_column), shape, where), labels, seen, where,
+        yield Batch(decode_images(batch.column(image_column), shape, where, fmt), labels, seen, where,
                     {c: batch.column(c) for c in columns})
         seen += batch.num_rows
         if limit and seen >= limit:
@@ -134,7 +121,7 @@ def parquet_batches(path: str, files: list[str], image_column: str, label_column
 
 # ------------------------------------------------------------------------------------------------ npz
 
-def _npz_source(path: Path, cfg: DataConfig) -> Source:
+def _npz_source(path: Path, cfg: DataConfig, fmt: ImageFormat) -> Source:
     arrays = load_npz(path, ("x_train", "y_train", "x_test", "y_test"), NPZ_LAYOUT)
     splits = {}
     for split in SPLITS:
@@ -144,7 +131,7 @@ def _npz_source(path: Path, cfg: DataConfig) -> Source:
             raise PipelineError(f"{where}: {len(x)} images but {len(y)} labels: x and y must have the same length")
         y = _integer_labels(y, where)
         n = min(len(x), cfg.limit) if cfg.limit else len(x)
-        splits[split] = SplitStream(array_batches(x[:n], y[:n], cfg.ingest_batch_rows, where), n)
+        splits[split] = SplitStream(array_batches(x[:n], y[:n], cfg.ingest_batch_rows, where, fmt), n)
     return Source(splits, None, f"npz:{path}")
 
 
@@ -160,12 +147,13 @@ def _integer_labels(y: np.ndarray, where: str) -> np.ndarray:
     return y
 
 
-def array_batches(x: np.ndarray, y: np.ndarray | None, rows: int, where: str) -> Iterator[Batch]:
-    """Keras-style image arrays (and labels, when given), `rows` at a time."""
+def array_batches(x: np.ndarray, y: np.ndarray | None, rows: int, where: str,
+                  fmt: ImageFormat | None = None) -> Iterator[Batch]:
+    """Keras-style image arrays (and labels, when given), `rows` at a time, in the format when given."""
     for start in range(0, len(x), rows):
         at = f"{where} rows {start}..{min(start + rows, len(x)) - 1}"
         labels = None if y is None else y[start: start + rows]
-        yield Batch(check_numpy_images(x[start: start + rows], at), labels, start, at)
+        yield Batch(to_format(check_numpy_images(x[start: start + rows], at), fmt), labels, start, at)
 
 
 # ------------------------------------------------------------------------------------------------ TFDS
@@ -179,7 +167,7 @@ def _tfds_builder(name: str, cfg: DataConfig):
         raise PipelineError(f"unknown TFDS dataset {name!r}: check the name against tfds.list_builders()") from None
 
 
-def _tfds_source(name: str, cfg: DataConfig) -> Source:
+def _tfds_source(name: str, cfg: DataConfig, fmt: ImageFormat) -> Source:
     import tensorflow_datasets as tfds
 
     builder = _tfds_builder(name, cfg)
@@ -197,20 +185,20 @@ def _tfds_source(name: str, cfg: DataConfig) -> Source:
         if cfg.limit:
             ds = ds.take(cfg.limit)
         total = int(ds.cardinality())
-        splits[split] = SplitStream(_tfds_batches(ds, cfg.ingest_batch_rows, f"tfds:{name} {split}"),
+        splits[split] = SplitStream(_tfds_batches(ds, cfg.ingest_batch_rows, f"tfds:{name} {split}", fmt),
                                     total if total >= 0 else None)  # negative: unknown
     label = info.features["label"] if "label" in info.features else None
     names = list(label.names) if label is not None and hasattr(label, "names") else None
     return Source(splits, names, f"tfds:{name} {info.version}")
 
 
-def _tfds_batches(ds, rows: int, where: str) -> Iterator[Batch]:
+def _tfds_batches(ds, rows: int, where: str, fmt: ImageFormat) -> Iterator[Batch]:
     import tensorflow_datasets as tfds
 
     seen = 0
     for x, y in tfds.as_numpy(ds.batch(rows)):
         at = f"{where} rows {seen}..{seen + len(x) - 1}"
-        yield Batch(check_numpy_images(x, at), _integer_labels(np.asarray(y), at), seen, at)
+        yield Batch(to_format(check_numpy_images(x, at), fmt), _integer_labels(np.asarray(y), at), seen, at)
         seen += len(x)
 
 
@@ -224,27 +212,31 @@ def cache_batches(cfg: PipelineConfig, ref: str, rows: int) -> Iterator[Batch]:
     dataset = local_dataset(cache.dataset, cfg.artifacts.local_cache)  # from a bucket: staged, verified shards
     files = [storage.join(dataset.uri, shard) for shard in cache.shards]
     seen = 0
-    for images, labels in make_dataset(dataset, cache.split, rows, raw_uint8=True, files=files).as_numpy_iterator():
+    for images, labels in make_dataset(dataset, cache.split, rows, files=files).as_numpy_iterator():
         yield Batch(images, labels, seen, f"{ref} rows {seen}..{seen + len(images) - 1}")
         seen += len(images)
 
 
 # ------------------------------------------------------------------------------------------------ prediction
 
-def read_images(cfg: PipelineConfig, input_path: str, model_shape: list[int]) -> Iterator[Batch]:
-    """Any prediction input, `predict.batch_size` rows at a time: a cache split (`cache:...`), an `.npz` with the
-    images as `x`, or Parquet (a file, a directory of parts, a URL) with `predict.key_columns` passed along. A
-    Parquet image shape comes from its metadata, `data.image_shape`, or the model's input."""
+def read_images(cfg: PipelineConfig, input_path: str, fmt: ImageFormat, model_shape: list[int]) -> Iterator[Batch]:
+    """Any prediction input, `predict.batch_size` rows at a time, made the model's format `fmt`: a cache split
+    (`cache:...`), an `.npz` with the images as `x`, image files (a folder, a bucket prefix or a glob of them,
+    keyed by their path), or Parquet (a file, a directory of parts, a URL) with `predict.key_columns` passed
+    along, its image shape from its metadata, `data.image_shape`, or the model's input."""
     rows = cfg.predict.batch_size
     if input_path.startswith(CACHE_PREFIX):
         return cache_batches(cfg, input_path, rows)
     if input_path.endswith(".npz"):
         x = load_npz(input_path, ("x",), "an .npz input holds the images as an array x")["x"]
-        return array_batches(x, None, rows, f"{input_path} x")
+        return array_batches(x, None, rows, f"{input_path} x", fmt)
+    images = image_files(input_path)
+    if images is not None:
+        return file_batches(*images, fmt, cfg.data.model_copy(update={"ingest_batch_rows": rows}))
     files = parquet_files(input_path)
-    shape = schema_metadata(open_parquet(files[0]).schema_arrow).get("image_shape") or cfg.data.image_shape or model_shape
+    shape = schema_metadata(open_parquet(files[0]).schema_arrow).get("image_shape") or cfg.data.image_shape
     return parquet_batches(f"{input_path} ({cfg.data.image_column})", files, cfg.data.image_column, None,
-                           cfg.predict.key_columns, shape, rows)
+                           cfg.predict.key_columns, shape or model_shape, rows, fmt=fmt)
 
 
 # ------------------------------------------------------------------------------------------------ hashing
@@ -254,6 +246,8 @@ def source_hash(cfg: DataConfig) -> tuple[str, str]:
     modification time and footer metadata (row groups, schema, statistics), or with `data.verify_source: full`
     every byte; npz: every byte (the format is small by nature); TFDS: the prepared files' names and sizes."""
     kind, where = scheme(cfg.source)
+    if kind == "folder":
+        return folder_hash(where, cfg)
     if kind in ("mnist", "parquet"):
         files = [f for p in split_paths(where).values() for f in parquet_files(p)]
         if cfg.verify_source == "full" or kind == "mnist":  # the embedded copy is small: hashed whole, the same
@@ -295,6 +289,11 @@ def _tfds_hash(name: str, cfg: DataConfig) -> str:
 
 
 def expected_shape(cfg: DataConfig) -> list[int] | None:
+    """The shape data.image_size (with an explicit color_mode, its channels) or data.image_shape promises, as
+    [height, width] or [height, width, channels]."""
+    if cfg.image_size:
+        channels = {"rgb": [3], "grayscale": [1]}.get(cfg.color_mode, [])
+        return [*cfg.image_size, *channels]
     return normalise_shape(cfg.image_shape) if cfg.image_shape else None
 
 
@@ -302,6 +301,10 @@ MNIST_SHAPE = [28, 28, 1]
 
 
 def known_image_shape(cfg: DataConfig) -> list[int] | None:
-    """The image shape before any row is read: data.image_shape, or the embedded MNIST's; else None."""
-    return expected_shape(cfg) or (MNIST_SHAPE if cfg.source == "mnist" else None)
+    """The image shape before any row is read: from data.image_size or data.image_shape (three channels when the
+    colour mode is still to be found: the layer stack builds the same), or the embedded MNIST's; else None."""
+    shape = expected_shape(cfg)
+    if shape is not None:
+        return shape if len(shape) == 3 else [*shape, 3]
+    return MNIST_SHAPE if cfg.source == "mnist" else None
 

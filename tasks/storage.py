@@ -78,10 +78,14 @@ def read_json(path: str) -> Any:
 
 
 def write_json(path: str, value: Any, create_only: bool = False) -> None:
-    """Write JSON so that readers see the old file or the new one, whole: a local file is written beside and
+    """Write JSON whole (see write_bytes)."""
+    write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode(), create_only)
+
+
+def write_bytes(path: str, data: bytes, create_only: bool = False) -> None:
+    """Write a file so that readers see the old file or the new one, whole: a local file is written beside and
     renamed over; an object is one PUT. `create_only` refuses to replace an existing file (FileExistsError): the
     conditional create that makes a manifest the commit of a publication."""
-    data = json.dumps(value, indent=2, sort_keys=True).encode()
     fs, p = filesystem(path)
     if is_local(path):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
@@ -136,8 +140,29 @@ def file_identity(path: str) -> str:
         info = fs.info(p)
     except FileNotFoundError:
         raise PipelineError(f"{path} does not exist: check the path") from None
+    return sha256_text(_identity(info))
+
+
+def _identity(info: dict) -> str:
     stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime")
-    return sha256_text(f"{info.get('size')}:{stamp}")
+    return f"{info.get('size')}:{stamp}"
+
+
+def _listing(path: str) -> dict[str, dict]:
+    """Every file under `path`, by path relative to it, with fsspec's details, from one listing."""
+    fs, p = filesystem(path)
+    try:
+        found = fs.find(p, detail=True)
+    except FileNotFoundError:
+        return {}
+    base = p.rstrip("/") + "/"
+    return {name[len(base):]: info for name, info in found.items() if name.startswith(base)}
+
+
+def identities_under(path: str) -> dict[str, str]:
+    """Every file under `path`, by path relative to it, with its cheap identity (size and checksum or mtime),
+    from one listing: what hashing a folder of thousands of files costs one request for."""
+    return {name: _identity(info) for name, info in _listing(path).items()}
 
 
 def _as_given(path: str, names: list[str]) -> list[str]:
@@ -174,13 +199,7 @@ def listdir(path: str) -> list[str]:
 
 def files_under(path: str) -> dict[str, int]:
     """Every file under `path`, by path relative to it, with its size."""
-    fs, p = filesystem(path)
-    try:
-        found = fs.find(p, detail=True)
-    except FileNotFoundError:
-        return {}
-    base = p.rstrip("/") + "/"
-    return {name[len(base):]: info.get("size", 0) for name, info in found.items() if name.startswith(base)}
+    return {name: info.get("size", 0) for name, info in _listing(path).items()}
 
 
 def remove(path: str) -> None:

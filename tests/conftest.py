@@ -17,6 +17,9 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("TFPIPE_ARTIFACTS", None)
 
 import flows  # noqa: E402,F401  (environment defaults)
+# Prefect's logging set-up (on its first import of prefect.main) closes every logging handler made before it, and
+# TensorFlow's absl handler closes its stream, which under pytest is the capture's stderr: Prefect first.
+import prefect.main  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402

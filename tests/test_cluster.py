@@ -69,7 +69,7 @@ def test_workers_read_equal_parts_and_every_record_at_most_once(tmp_path, shards
         assert set(sizes[0]) == {16 // replicas} and len(sizes[0]) == count // 16 * replicas // 2
     every = np.concatenate(seen)
     raw = tf.data.TFRecordDataset([f"{dataset.uri}/{n}" for n in dataset.shards["train"]]).batch(10000)
-    stored = np.concatenate([decode_batch(s, dataset.image_shape)[0].numpy() for s in raw]).astype(np.float32) / 255.0
+    stored = np.concatenate([decode_batch(s, dataset.image_shape)[0].numpy() for s in raw])
     key = lambda a: [r.tobytes() for r in a.reshape(len(a), -1)]  # noqa: E731
     assert len(set(key(every))) == len(every) and set(key(every)) <= set(key(stored))  # no record twice
     assert count - len(every) < (16 if whole else 2)  # less than a global batch, or than one per worker
@@ -77,7 +77,7 @@ def test_workers_read_equal_parts_and_every_record_at_most_once(tmp_path, shards
 
 def test_each_worker_augments_with_its_own_stream(tmp_path):
     from pipeline_config import AugmentConfig
-    from tasks.augment import augment_batch
+    from tasks.augment import augment_pixels
     from tasks.reader import make_dataset, shard_paths
 
     cfg = make_config(tmp_path, "data.limit=200", "data.shards=1")
@@ -88,10 +88,12 @@ def test_each_worker_augments_with_its_own_stream(tmp_path):
     first = next(iter(make_dataset(dataset, "train", 32, augment=augment, **common)))[0].numpy()
     stream1 = next(iter(make_dataset(dataset, "train", 32, augment=augment, augment_stream=1, **common)))[0].numpy()
     # one pipeline (no multi_worker) augments as it always did: batch 0 with the seed (seed, 0), nothing folded in
-    as_before = augment_batch(tf.constant(plain), tf.constant([3, 0], tf.int64), augment).numpy()
-    np.testing.assert_allclose(first, as_before, atol=1e-5)  # eager vs tf.data graph: float rounding only
-    assert np.abs(first - plain).mean() > 0.01 and np.abs(stream1 - plain).mean() > 0.01
-    assert np.abs(stream1 - first).mean() > 0.01  # the same images, other transforms
+    as_before = augment_pixels(tf.constant(plain), tf.constant([3, 0], tf.int64), augment).numpy()
+    # eager vs tf.data graph: float rounding only, which may tip a pixel's rounding to uint8 by one
+    assert np.abs(first.astype(int) - as_before).max() <= 1
+    first, stream1, plain = first.astype(int), stream1.astype(int), plain.astype(int)
+    assert np.abs(first - plain).mean() > 2 and np.abs(stream1 - plain).mean() > 2
+    assert np.abs(stream1 - first).mean() > 2  # the same images, other transforms
     # per_worker_dataset_fn gives pipeline i stream i: worker 1's batches are worker 1's stream
     fn = per_worker_dataset_fn(dataset, "train", 32, seed=3, augment=augment)
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=2)

@@ -95,7 +95,7 @@ def test_each_precision_trains_under_two_replicas(tmp_path, precision, mode):
 def test_bf16_model_loads_and_predicts_in_a_float32_only_process(tmp_path):
     cfg = make_config(tmp_path, "data.limit=160", "train.batch_size=32", "train.epochs=1", "train.precision=mixed_bfloat16")
     artifact = train(cfg, ingest(cfg.data, cfg.artifacts.root))
-    x = np.random.default_rng(0).random((4, 28, 28, 1), np.float32)
+    x = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)  # the pixels a client has
     expected = load_model(f"{artifact.uri}/model.keras").predict(x, verbose=0)
     np.save(tmp_path / "x.npy", x)
     script = f"""
@@ -107,26 +107,26 @@ y = model.predict(x, verbose=0)
 served = tf.saved_model.load("{artifact.uri}/saved_model")
 fn = served.signatures["serving_default"]
 spec = list(fn.structured_input_signature[1].values())[0]
-out = list(fn(tf.constant(x)).values())[0]
+out = fn(images=tf.constant(x))["probabilities"]
 print(json.dumps({{"y": y.tolist(), "dtype": str(y.dtype), "input": spec.dtype.name, "output": out.dtype.name,
                   "served": out.numpy().tolist()}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["dtype"] == "float32" and result["input"] == "float32" and result["output"] == "float32"
+    assert result["dtype"] == "float32" and result["input"] == "uint8" and result["output"] == "float32"
     np.testing.assert_allclose(np.array(result["y"]), expected, atol=1e-6)
     np.testing.assert_allclose(np.array(result["served"]), expected, atol=1e-2)
 
 
 def test_predict_can_recast_the_model(trained, tmp_path):
-    from tasks.predict import with_dtype_policy
+    from tasks.model import with_dtype_policy
 
     _, _, artifact = trained
     model = load_model(f"{artifact.uri}/model.keras")
     bf16 = with_dtype_policy(model, "mixed_bfloat16")
     f32 = with_dtype_policy(model, "float32")
-    x = np.random.default_rng(1).random((64, 28, 28, 1), np.float32)
+    x = np.random.default_rng(1).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
     assert bf16.layers[1].dtype_policy.name == "mixed_bfloat16" and bf16.layers[-1].dtype_policy.name == "float32"
     assert f32.layers[1].dtype_policy.name == "float32"
     p16, p32 = bf16.predict(x, verbose=0), f32.predict(x, verbose=0)

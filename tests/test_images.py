@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tasks.decoding import displayed_size, open_image
 from tasks.errors import PipelineError
-from tasks.images import declared_size, decode_images
+from tasks.images import decode_images
 from tests.conftest import REPO, invoke_cli
 
 
@@ -40,11 +41,12 @@ def jpeg(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def test_declared_size_reads_png_and_jpeg_headers():
-    assert declared_size(png(np.zeros((28, 31), np.uint8))) == (28, 31)
-    assert declared_size(jpeg(np.zeros((40, 24, 3), np.uint8))) == (40, 24)
-    assert declared_size(bomb_png(100_000, 100_000)) == (100_000, 100_000)
-    assert declared_size(b"\x89PNG\r\n") is None
+def test_the_header_gives_the_size_without_decoding():
+    assert displayed_size(open_image(png(np.zeros((28, 31), np.uint8)), "a")) == (28, 31)
+    assert displayed_size(open_image(jpeg(np.zeros((40, 24, 3), np.uint8)), "b")) == (40, 24)
+    assert displayed_size(open_image(bomb_png(100_000, 100_000), "c")) == (100_000, 100_000)  # nothing decoded
+    with pytest.raises(PipelineError, match="^d is not a decodable image"):
+        open_image(b"\x89PNG\r\n", "d")
 
 
 def test_decompression_bomb_is_refused_from_its_header_fast_and_flat():
@@ -72,7 +74,8 @@ print(json.dumps({{"message": message, "seconds": time.perf_counter() - started,
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["message"] == ("upload.parquet rows 0..3: row 3 declares 100000x100000 pixels, expected 28x28: it was "
-                                 "not decoded; resize the images to one shape (or fix data.image_shape)")
+                                 "not decoded; set data.image_size to resize the images to one shape (or fix "
+                                 "data.image_shape)")
     assert result["seconds"] < 1.0 and result["grew_mb"] < 50
     with pytest.raises(PipelineError, match=r"row 0 declares 100000x100000 pixels, over the limit of 16777216"):
         decode_images(pa.array([bomb_png(100_000, 100_000)], pa.binary()), None, "x")
@@ -80,7 +83,7 @@ print(json.dumps({{"message": message, "seconds": time.perf_counter() - started,
 
 def test_truncated_and_wrong_shaped_images_name_their_row():
     good = png(np.full((28, 28), 7, np.uint8))
-    with pytest.raises(PipelineError, match=r"^f rows 0\.\.2: row 1 is not a decodable PNG/JPEG image \("):
+    with pytest.raises(PipelineError, match=r"^f rows 0\.\.2: row 1 is not a decodable image \("):
         decode_images(pa.array([good, good[: len(good) // 2], good], pa.binary()), [28, 28], "f rows 0..2")
     with pytest.raises(PipelineError, match=r"^f: row 2 declares 28x30 pixels, expected 28x28"):
         decode_images(pa.array([good, good, png(np.zeros((28, 30), np.uint8))], pa.binary()), [28, 28], "f")

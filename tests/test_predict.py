@@ -35,7 +35,7 @@ def test_predictions_equal_model_predict_and_keep_row_order(champion, tmp_path):
     result = pq.read_table(out)
     assert result.column("row_id").to_pylist() == list(range(700))
     x, _ = mnist_arrays("test", 700)
-    expected = load_model(f"{model.uri}/model.keras").predict(x.astype(np.float32) / 255.0, verbose=0)
+    expected = load_model(f"{model.uri}/model.keras").predict(x, verbose=0)  # uint8 pixels, as they are stored
     probs = np.array(result.column("probabilities").to_pylist(), np.float32)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     np.testing.assert_array_equal(result.column("predicted_label").to_numpy(), expected.argmax(1))
@@ -139,7 +139,7 @@ def test_bad_inputs_leave_no_output(champion, tmp_path):
 
 
 def test_cli_predict_by_fingerprint_prefix_unblessed_in_float32(champion, tmp_path):
-    from tasks.predict import with_dtype_policy
+    from tasks.model import with_dtype_policy
     from tasks.train import train
     from tests.conftest import make_config
 
@@ -158,7 +158,7 @@ def test_cli_predict_by_fingerprint_prefix_unblessed_in_float32(champion, tmp_pa
     x, _ = mnist_arrays("test", 64)
     f32 = with_dtype_policy(load_model(f"{other.uri}/model.keras"), "float32")
     assert f32.layers[1].compute_dtype == "float32"
-    expected = f32.predict(x.astype(np.float32) / 255.0, verbose=0)
+    expected = f32.predict(x, verbose=0)
     probs = np.array(pq.read_table(out).column("probabilities").to_pylist(), np.float32)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
@@ -224,3 +224,47 @@ def test_no_silent_overwrite(champion, tmp_path):
         code, _, err = invoke_cli(*args, "--output", str(foreign), "--overwrite")
         assert code == 1 and f"--output {foreign} exists and was not written by tfpipe" in err
         assert foreign.read_bytes() == before
+
+
+def test_a_model_published_before_models_scaled_their_input_still_predicts_and_evaluates(trained, tmp_path):
+    """Models published before took [0, 1] floats (their manifests have no input_pixels): a copy of the session's
+    model rebuilt that way (its Rescaling layer taken out, the weights kept) gives the same probabilities and the
+    same test accuracy, prediction and evaluation scaling its input for it."""
+    import keras
+
+    from tasks.artifacts import MANIFEST
+    from tasks.evaluate import evaluate
+    from tasks.storage import read_json, write_json
+
+    cfg, dataset, model = copy_of(trained, tmp_path / "artifacts")
+    current = load_model(f"{model.uri}/model.keras")
+    inputs = keras.Input(current.input_shape[1:], name="image")  # float32, as models were
+    x = inputs
+    for layer in current.layers[2:]:  # after the input and its Rescaling
+        x = layer(x)
+    legacy = keras.Model(inputs, x, name=current.name)
+    legacy.save(f"{model.uri}/model.keras")
+    manifest = read_json(f"{model.uri}/{MANIFEST}")
+    manifest.pop("input_pixels")
+    write_json(f"{model.uri}/{MANIFEST}", manifest)
+
+    # The same model scaled outside: equal but for where the bf16 rounding of the scaling falls (the session's
+    # model trains in the machine's precision, bf16 here).
+    x_test, _ = mnist_arrays("test", 300)
+    expected = current.predict(x_test, verbose=0)
+    np.testing.assert_allclose(legacy.predict(x_test.astype(np.float32) / 255.0, verbose=0), expected, atol=0.02)
+    out = tmp_path / "legacy.parquet"
+    predict(cfg, model.uri, str(MNIST / "test.parquet"), str(out), allow_unblessed=True)
+    probs = np.array(pq.read_table(out).column("probabilities").to_pylist()[:300], np.float32)
+    np.testing.assert_allclose(probs, expected, atol=0.02)  # scaled for it: unscaled pixels would be far off
+    assert (probs.argmax(1) == expected.argmax(1)).mean() >= 0.98
+    scaled_outside = evaluate(cfg, dataset, model.model_copy(update={"input_pixels": None}))
+    fresh_cfg, fresh_dataset, fresh_model = copy_of(trained, tmp_path / "fresh")
+    fresh = evaluate(fresh_cfg, fresh_dataset, fresh_model)
+    assert abs(scaled_outside.metrics["accuracy"] - fresh.metrics["accuracy"]) <= 0.01
+    # and its serving formats: the SavedModel's signatures take uint8 and scale for it; TFLite and ONNX keep its
+    # float input, and the parity check feeds them scaled images
+    from tasks.export import export_published
+
+    exports = export_published(cfg, model.uri, ["saved_model", "tflite", "onnx"])["exports"]
+    assert all(entry["parity"]["label_agreement"] >= 0.999 for entry in exports.values()), exports

@@ -91,6 +91,16 @@ def test_ingest_train_evaluate_predict_on_a_gcs_root(gcs, tmp_path):
         assert pq.read_table(f).column("predicted_label").to_numpy().shape == (10000,)
     code, out, _ = invoke_cli("ingest", *args, "--json")
     assert json.loads(out)["cache_hit"] is True
+    # a format added to the published model in the bucket: its files, then the manifest that lists them
+    model_uri = f"{root}/train/{evaluation['model_fingerprint']}"
+    code, out, err = invoke_cli("export", *args, "--model", evaluation["model_fingerprint"], "--format", "onnx")
+    assert code == 0, err
+    from tasks.artifacts import read_manifest
+
+    manifest, listed = read_manifest(model_uri), storage.files_under(model_uri)
+    assert manifest is not None and set(manifest["exports"]) == {"saved_model", "onnx"}
+    assert manifest["files"]["model.onnx"] == listed["model.onnx"] > 0
+    assert {"model_card.md", "model_card.json", "model_card_confusion_matrix.png"} <= set(listed)
 
 
 def test_killed_on_one_machine_resumes_on_another_with_an_empty_scratch(s3, tmp_path, monkeypatch, caplog):

@@ -177,11 +177,12 @@ def pull_mirror(mirror: str, work: str) -> None:
     log.info("fetched the checkpoints of an earlier run from %s", mirror)
 
 
-def save_outputs(run: TrainingRun, recorder: EpochRecorder, out: str, extra: dict) -> None:
-    """model.keras, the SavedModel export, history.json and the TensorBoard logs, into `out`."""
+def save_outputs(run: TrainingRun, recorder: EpochRecorder, out: str, extra: dict):
+    """model.keras, history.json and the TensorBoard logs, into `out`; returns the model as saved (the serving
+    formats are made from it: tasks/export.py)."""
     model = portable_copy(run.model)  # loads with plain keras.saving.load_model, custom metrics left behind
     model.save(join(out, MODEL_FILE))
-    model.export(join(out, "saved_model"), verbose=False)
     storage.write_json(join(out, "history.json"), {"epochs": recorder.history, **run.facts(), **extra})
     recorder.close()
     shutil.copytree(join(run.worker_dir, "tensorboard"), join(out, "tensorboard"))
+    return model

@@ -16,6 +16,8 @@ from tasks.artifacts import (MODEL_FILE, DatasetArtifact, ModelArtifact, Publish
 from tasks.cluster import barrier, lost_worker_errors, run_local_workers, worker_role
 from tasks.devices import make_strategy, resolve_precision
 from tasks.errors import PipelineError
+from tasks.export import export_formats, export_published, missing_formats
+from tasks.model import RAW_PIXELS
 from tasks.storage import join
 from tasks.train.checkpoints import STAGE, EpochCallback, EpochRecorder, clear_work, save_outputs, work_dir
 from tasks.train.loops import run_epochs, weights_digest
@@ -24,8 +26,9 @@ from tasks.train.setup import TrainingRun, start_run
 
 log = logging.getLogger("tfpipe.train")
 
-TRAIN_CODE_VERSION = "5"  # 2: epoch k shuffled by train.seed + k (exact resume); 3: per-worker augmentation streams;
-# 4: whole batches only on several replicas; 5: every initializer and dropout seeded from train.seed
+TRAIN_CODE_VERSION = "6"  # 2: epoch k shuffled by train.seed + k (exact resume); 3: per-worker augmentation streams;
+# 4: whole batches only on several replicas; 5: every initializer and dropout seeded from train.seed; 6: the model
+# takes uint8 pixels and scales them itself
 
 
 def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: str) -> str:
@@ -33,7 +36,8 @@ def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: 
     train["precision"] = precision  # `auto` resolves per machine: key on what actually trains
     if train["local_workers"]:  # the launcher and the workers it starts name the same model
         train.update(strategy="multi_worker", local_workers=None)
-    return fingerprint({"dataset": dataset.fingerprint, "model": cfg.model.model_dump(mode="json"), "train": train,
+    return fingerprint({"dataset": dataset.fingerprint, "model": cfg.model.model_dump(mode="json", exclude={"card"}),
+                        "train": train,
                         "shuffle_buffer": cfg.data.shuffle_buffer, "augment": cfg.data.augment.model_dump(mode="json"),
                         "code": TRAIN_CODE_VERSION})
 
@@ -67,11 +71,14 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
 
     with lost_worker_errors(cfg.train):
         published = publish_model(cfg, fp, strategy, build)
+    manifest = published.manifest
     if published.cache_hit:
-        log.info("train cache hit: %s (trained %d epochs before)", uri, published.manifest["epochs"])
+        log.info("train cache hit: %s (trained %d epochs before)", uri, manifest["epochs"])
+        if missing_formats(cfg.export, manifest) and worker_role(strategy)[0]:  # export.formats grew since
+            manifest = export_published(cfg, uri, missing_formats(cfg.export, manifest))
     elif worker_role(strategy)[0]:
         log.info("model published: %s", uri)
-    return model_artifact(uri, published.manifest, published.cache_hit)
+    return model_artifact(uri, manifest, published.cache_hit)
 
 
 def publish_model(cfg: PipelineConfig, fp: str, strategy: tf.distribute.Strategy,
@@ -116,13 +123,17 @@ def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -
         run_epochs(run, start_epoch, start_step, recorder)
     stopping = recorder.finish()
     log.info("final weights sha256 %s (worker %d)", weights_digest(run.model), worker_role(run.strategy)[1])
-    save_outputs(run, recorder, out, {"resumed_from_epoch": start_epoch,
-                                      "seconds_this_run": time.perf_counter() - started, **stopping})
+    model = save_outputs(run, recorder, out, {"resumed_from_epoch": start_epoch,
+                                              "seconds_this_run": time.perf_counter() - started, **stopping})
+    chief = worker_role(run.strategy)[0]  # the others' outputs are deleted unpublished
+    exports = export_formats(model, out, run.cfg.export.formats, run.cfg.export, run.dataset) if chief else {}
     history = recorder.history
     final = {k: history[-1][k] for k in history[-1] if k.split("val_")[-1] in METRIC_NAMES}
     return {**run.facts(), "dataset_fingerprint": run.dataset.fingerprint, "model_path": MODEL_FILE,
-            "saved_model_path": "saved_model", "history_path": "history.json", "tensorboard_dir": "tensorboard",
+            "saved_model_path": exports.get("saved_model", {}).get("path"), "exports": exports,
+            "parameters": model.count_params(), "history_path": "history.json", "tensorboard_dir": "tensorboard",
             "epochs": run.cfg.train.epochs, "resumed_from_epoch": start_epoch, "final_metrics": final,
             "image_shape": run.dataset.image_shape, "num_classes": run.dataset.num_classes,
+            "input_pixels": RAW_PIXELS, "image_format": run.dataset.image_format,
             "label_names": run.dataset.label_names, "loss": run.cfg.train.loss,
             "config": run.cfg.model_dump(mode="json"), **stopping}
