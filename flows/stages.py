@@ -129,7 +129,8 @@ def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: 
           for figures in [entry["parity"]]],
         "## Artifacts",
         f"- dataset: `{dataset.uri}`",
-        f"- model: `{join(model.uri, model.model_path)}`; its card: `{join(model.uri, CARD_MD)}`",
+        f"- model: `{join(model.uri, model.model_path)}`; its card: `{join(model.uri, CARD_MD)}`"
+        + (f"; started from model `{model.init_from['fingerprint'][:12]}`" if model.init_from else ""),
         f"- evaluation: `{evaluation.uri}`: " + ", ".join(f"[{p}]({join(evaluation.uri, p)})"
                                                          for p in [evaluation.metrics_path, *evaluation.plots]),
         f"- predictions: `{prediction.output}` ({prediction.rows} rows)" if prediction else "- predictions: none (no champion)",

@@ -145,6 +145,21 @@ class LayerSpec(BaseModel):
     type: str
 
 
+BACKBONES = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0", "EfficientNetB1", "EfficientNetB2",
+             "EfficientNetB3", "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2", "ResNet50V2", "ConvNeXtTiny")
+
+
+class BackboneConfig(Section):
+    """A keras.applications network under the head (model.layers are then not used)."""
+
+    name: Literal[BACKBONES]  # type: ignore[valid-type]
+    weights: str | None = Field(None, description="null (random), a local or bucket path to a weights file of the "
+                                "network without its top (its sha256 is part of the model's fingerprint), or "
+                                "imagenet (Keras' download, or its copy in ~/.keras/models)")
+    pooling: Literal["avg", "max"] = "avg"
+    dropout: float = Field(0.2, ge=0, lt=1, description="before the head")
+
+
 class ModelCardConfig(Section):
     """What the model card says that no run can measure (not part of the model's fingerprint)."""
 
@@ -156,6 +171,7 @@ class ModelCardConfig(Section):
 class ModelConfig(Section):
     name: str = "basic_cnn"
     layers: list[LayerSpec] = Field(default_factory=lambda: [LayerSpec(**layer) for layer in DEFAULT_LAYERS])
+    backbone: BackboneConfig | None = None
     card: ModelCardConfig = Field(default_factory=ModelCardConfig)
 
 
@@ -203,6 +219,30 @@ class EarlyStoppingConfig(Section):
     _monitor = field_validator("monitor")(_validation_metric)
 
 
+class PhaseConfig(Section):
+    """One stage of training with its own trainable set and learning rate (train.phases)."""
+
+    epochs: int = Field(ge=1)
+    trainable: str = Field("all", pattern=r"^(head|all|top:[1-9][0-9]*|from:.+)$", description=(
+        "head (the backbone frozen) | all | top:N (the backbone's last N layers and the head) | from:LAYER_NAME"))
+    learning_rate: float | None = Field(None, gt=0, description="default: train.optimizer.learning_rate")
+    lr_schedule: LrScheduleConfig | None = Field(None, description="default: train.lr_schedule (plateau: not in "
+                                                 "phases)")
+
+
+def _resolve_warmup(schedule: "LrScheduleConfig", epochs: int, where: str) -> None:
+    """`auto` warm-up becomes a number (so fingerprints and artifacts name it): 1 epoch, or a tenth of the
+    epochs when shorter, for cosine; none otherwise. Then the warm-up must leave epochs to decay over."""
+    if schedule.warmup_epochs == "auto":
+        schedule.warmup_epochs = min(1.0, epochs / 10) if schedule.name == "cosine" else 0.0
+    if schedule.name == "cosine" and schedule.warmup_epochs >= epochs:
+        raise ValueError(f"{where}.warmup_epochs={schedule.warmup_epochs:g} leaves no epoch to decay over "
+                         f"({epochs} epochs): use fewer warm-up epochs")
+    if schedule.warmup_epochs and schedule.name != "cosine":
+        raise ValueError(f"{where}.warmup_epochs is for the cosine schedule, not {schedule.name}: set "
+                         f"{where}.name=cosine or drop the warm-up")
+
+
 class TrainConfig(Section):
     mode: Literal["auto", "fit", "custom"] = Field(
         "auto", description="auto: fit on one machine, custom under multi_worker (the only style that works there)")
@@ -224,6 +264,13 @@ class TrainConfig(Section):
     deterministic: bool = False
     local_workers: int | None = Field(None, ge=1, description="start N multi_worker processes on this machine")
     collective_timeout_s: float = Field(60.0, gt=0, description="multi_worker: how long to wait for a lost worker")
+    phases: list[PhaseConfig] = Field(default_factory=list, description="train in phases (freeze, then fine-tune); "
+                                      "train.epochs is then their sum")
+    init_from: str | None = Field(None, description="champion, a model fingerprint or directory: start from its "
+                                  "weights (layers matched by name)")
+    bn_recalibration_batches: int = Field(50, ge=0, description="after training, the moving statistics of the "
+                                          "BatchNormalization layers that trained are recomputed on this many "
+                                          "training batches with the final weights (0: off)")
 
     # Two questions, each answered here only. `multi_worker`: does this run train on several workers (their
     # fingerprint and style)? `in_cluster`: is this process one of those workers (TF_CONFIG says which), as
@@ -238,6 +285,16 @@ class TrainConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
+    def _epochs_of_phases(cls, data: Any) -> Any:
+        """With phases, train.epochs is their sum, whatever it was set to (every epoch count downstream reads it)."""
+        phases = data.get("phases") if isinstance(data, dict) else None
+        if not phases or not all(isinstance(p, (dict, PhaseConfig)) for p in phases):
+            return data  # no phases, or malformed ones the field's validation names
+        epochs = [p.get("epochs") if isinstance(p, dict) else p.epochs for p in phases]
+        return {**data, "epochs": sum(epochs)} if all(isinstance(e, int) and e >= 1 for e in epochs) else data
+
+    @model_validator(mode="before")
+    @classmethod
     def _resolve_mode(cls, data: Any) -> Any:
         """`auto` becomes the style that actually runs, so fingerprints and artifacts name it."""
         if isinstance(data, dict) and data.get("mode", "auto") == "auto":
@@ -247,18 +304,17 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _compatible(self) -> "TrainConfig":
-        if self.lr_schedule.warmup_epochs == "auto":  # resolved here, so fingerprints and artifacts name the number
-            cosine = self.lr_schedule.name == "cosine"
-            self.lr_schedule.warmup_epochs = min(1.0, self.epochs / 10) if cosine else 0.0
+        for i, phase in enumerate(self.phases):  # a phase's schedule spans the phase: train's, unless it sets one
+            if phase.lr_schedule is None:
+                phase.lr_schedule = self.lr_schedule.model_copy(deep=True)
+            if phase.lr_schedule.name == "plateau":
+                raise ValueError(f"train.phases[{i}]: the plateau schedule spans the run, not a phase: use constant, "
+                                 "cosine or step in phases")
+            _resolve_warmup(phase.lr_schedule, phase.epochs, f"train.phases[{i}].lr_schedule")
+        _resolve_warmup(self.lr_schedule, self.epochs, "train.lr_schedule")
         if self.multi_worker and self.mode == "fit":
             raise ValueError("train.mode=fit cannot run under multi_worker: Keras 3 model.fit fails under "
                              "MultiWorkerMirroredStrategy (keras-team/keras#20585); use train.mode=custom (or auto)")
-        if self.lr_schedule.name == "cosine" and self.lr_schedule.warmup_epochs >= self.epochs:
-            raise ValueError(f"train.lr_schedule.warmup_epochs={self.lr_schedule.warmup_epochs:g} leaves no epoch to "
-                             f"decay over (train.epochs={self.epochs}): use fewer warm-up epochs")
-        if self.lr_schedule.warmup_epochs and self.lr_schedule.name != "cosine":
-            raise ValueError(f"train.lr_schedule.warmup_epochs is for the cosine schedule, not "
-                             f"{self.lr_schedule.name}: set train.lr_schedule.name=cosine or drop the warm-up")
         if isinstance(self.class_weight, dict) and any(k < 0 or w <= 0 for k, w in self.class_weight.items()):
             raise ValueError("train.class_weight: classes are indices >= 0 and weights are > 0")
         if self.label_smoothing and self.loss == "sparse_categorical_crossentropy":

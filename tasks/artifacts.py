@@ -233,6 +233,7 @@ class ModelArtifact(ArtifactRef):
     model_path: str
     saved_model_path: str | None = None  # None when export.formats leaves the SavedModel out
     parameters: int | None = None  # None: a model published before manifests counted them
+    init_from: dict | None = None  # train.init_from: the published model the weights started from
     exports: dict[str, dict] = {}  # format -> path, settings and parity figures (tasks/export.py)
     history_path: str
     tensorboard_dir: str

@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from pipeline_config import ConfigError, LayerSpec, ModelConfig, PipelineConfig
+from pipeline_config import BackboneConfig, ConfigError, LayerSpec, ModelConfig, PipelineConfig
 from tasks.errors import PipelineError, first_line
 
 LAYERS = {
@@ -120,12 +120,19 @@ SEED_RANGE = 2**31 - 1  # seeds Keras takes as int32
 
 
 def check_model_config(cfg: PipelineConfig) -> None:
-    """Reject a bad model.layers before any work (ConfigError): every layer is made, and when the image shape is
-    known before ingest (data.image_shape, or the embedded MNIST) the whole model is built on it. Call it after
+    """Reject a bad model.layers or model.backbone before any work (ConfigError): every layer is made, and when the
+    image shape is known before ingest (data.image_size or data.image_shape, or the embedded MNIST) the whole model
+    is built on it (a backbone: checked against it, and its weights file found). Call it after
     `configure_devices` (it runs TensorFlow ops)."""
+    from tasks.backbones import check_backbone_input, check_backbone_weights
     from tasks.sources import known_image_shape
 
     shape = known_image_shape(cfg.data)
+    if cfg.model.backbone is not None:  # model.layers are not used; the network is built once the data is read
+        check_backbone_weights(cfg.model.backbone)
+        if shape is not None:
+            check_backbone_input(cfg.model.backbone, shape)
+        return
     if shape is None:
         for i, spec in enumerate(cfg.model.layers):
             make_layer(spec, i)
@@ -135,13 +142,41 @@ def check_model_config(cfg: PipelineConfig) -> None:
 
 
 def build_model(model_cfg: ModelConfig, image_shape: list[int], num_classes: int, loss: str,
-                dtype_policy: str = "float32", seed: int | None = None) -> keras.Model:
-    """The configured layer stack with its head, its random parts seeded from `seed` when given (training passes
-    train.seed). Raises ConfigError naming the layer that cannot be built."""
+                dtype_policy: str = "float32", seed: int | None = None,
+                local_cache: str = "~/.cache/tfpipe") -> keras.Model:
+    """The configured layer stack (or backbone) with its head, its random parts seeded from `seed` when given
+    (training passes train.seed). Raises ConfigError naming the layer that cannot be built."""
     if loss == "binary_crossentropy" and num_classes != 2:
         raise ConfigError(f"config error: train.loss: binary_crossentropy needs exactly 2 classes, the dataset has "
                           f"{num_classes}: use sparse_categorical_crossentropy or categorical_crossentropy")
     inputs = keras.Input(shape=tuple(image_shape), dtype="uint8", name="image")
+    if model_cfg.backbone is not None:
+        x = backbone_body(model_cfg.backbone, inputs, dtype_policy, seed, local_cache)
+    else:
+        x = layer_stack(model_cfg, inputs, dtype_policy, seed)
+    units, activation = (1, "sigmoid") if loss == "binary_crossentropy" else (num_classes, "softmax")
+    head = {"units": units, "dtype": dtype_policy, "name": "logits"}
+    x = keras.layers.Dense(**(head if seed is None else seeded(keras.layers.Dense, head, seed * 1000 + 999)))(x)
+    outputs = keras.layers.Activation(activation, dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=model_cfg.name)
+
+
+def backbone_body(backbone: BackboneConfig, inputs, dtype_policy: str, seed: int | None, local_cache: str):
+    """Pixels -> the network's preprocessing -> the network -> pooling -> dropout: a flat vector for the head."""
+    from tasks.backbones import backbone_network, check_backbone_input, preprocessing
+
+    image_shape = list(inputs.shape[1:])
+    check_backbone_input(backbone, image_shape)
+    x = preprocessing(backbone, dtype_policy)(inputs)
+    x = backbone_network(backbone, image_shape, dtype_policy, local_cache)(x)
+    pool = keras.layers.GlobalAveragePooling2D if backbone.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    x = pool(dtype=dtype_policy, name="pool")(x)
+    dropout = {"rate": backbone.dropout, "dtype": dtype_policy, "name": "head_dropout"}
+    return keras.layers.Dropout(**(dropout if seed is None else seeded(keras.layers.Dropout, dropout, seed * 1000 + 998)))(x)
+
+
+def layer_stack(model_cfg: ModelConfig, inputs, dtype_policy: str, seed: int | None):
+    """Pixels scaled to [0, 1], then model.layers: a flat vector for the head."""
     x = keras.layers.Rescaling(1 / 255, dtype=dtype_policy, name="scale_pixels")(inputs)
     for i, spec in enumerate(model_cfg.layers):
         where = f"config error: model.layers[{i}] ({spec.type})"
@@ -157,8 +192,4 @@ def build_model(model_cfg: ModelConfig, image_shape: list[int], num_classes: int
     if len(x.shape) != 2:
         raise ConfigError(f"config error: model.layers: the last layer outputs shape {tuple(x.shape[1:])}; the head "
                           "needs a flat vector: end the stack with Flatten or GlobalAveragePooling2D")
-    units, activation = (1, "sigmoid") if loss == "binary_crossentropy" else (num_classes, "softmax")
-    head = {"units": units, "dtype": dtype_policy, "name": "logits"}
-    x = keras.layers.Dense(**(head if seed is None else seeded(keras.layers.Dense, head, seed * 1000 + 999)))(x)
-    outputs = keras.layers.Activation(activation, dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=model_cfg.name)
+    return x

@@ -25,11 +25,12 @@ def model_card(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifa
     history = storage.read_json(join(model.uri, model.history_path))
     return {
         "model": {"fingerprint": model.fingerprint, "created": model_manifest.get("created"),
-                  "architecture": trained.get("model", {}).get("layers"), "parameters": model.parameters,
-                  "input": f"uint8 images {model.image_shape}, scaled in the model", "classes": model.num_classes,
+                  "architecture": _architecture(trained.get("model", {})), "parameters": model.parameters,
+                  "input": f"uint8 images {model.image_shape}, preprocessed in the model", "classes": model.num_classes,
                   "precision": model.precision, "training": trained.get("train"),
                   "epochs": model.epochs, "best_epoch": model.best_epoch, "stop_reason": model.stop_reason,
-                  "training_seconds": history.get("seconds_this_run"),
+                  "training_seconds": history.get("seconds_this_run"), "init_from": model.init_from,
+                  "phases": (trained.get("train") or {}).get("phases") or [],
                   "exports": model.exports},
         "data": {"fingerprint": dataset.fingerprint, "source": dataset.source, "source_hash": dataset.source_hash,
                  "counts": dataset.counts, "class_names": dataset.label_names,
@@ -44,6 +45,21 @@ def model_card(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifa
         "lineage": {"dataset": dataset.fingerprint, "model": model.fingerprint, "evaluation": evaluation.fingerprint},
         "card": cfg.model.card.model_dump(mode="json"),
     }
+
+
+def _architecture(model_config: dict) -> dict:
+    """The body as configured: a keras.applications backbone, or the layer stack."""
+    if model_config.get("backbone"):
+        return {"backbone": model_config["backbone"]}
+    return {"layers": model_config.get("layers") or []}
+
+
+def _body(architecture: dict) -> str:
+    if "backbone" in architecture:
+        backbone = architecture["backbone"]
+        return (f"{backbone['name']} (keras.applications, no top; weights: {backbone['weights'] or 'random'}), "
+                f"{backbone['pooling']} pooling, dropout {backbone['dropout']}")
+    return "layers " + ", ".join(layer["type"] for layer in architecture["layers"])
 
 
 def _when(stamp: float | None) -> str:
@@ -74,7 +90,11 @@ def card_markdown(card: dict) -> str:
         f"- trained in {model['precision']} for {model['epochs']} epochs"
         + (f" (published: epoch {model['best_epoch']}, {model['stop_reason']})" if model["best_epoch"] else "")
         + (f", {model['training_seconds']:.0f} s" if model["training_seconds"] else ""),
-        f"- layers: {', '.join(layer['type'] for layer in model['architecture'] or [])}",
+        f"- body: {_body(model['architecture'])}",
+        f"- started from: model {model['init_from']['fingerprint'][:12]} (`{model['init_from']['uri']}`)"
+        if model["init_from"] else "- started from: its initializers (or the backbone's weights file)",
+        *([f"- phases: " + "; ".join(f"{p['epochs']} epoch(s) training {p['trainable']}" for p in model["phases"])]
+          if model["phases"] else []),
         "- serving formats: " + (", ".join(f"{name} (`{entry['path']}`, agrees with Keras on "
                                           f"{entry['parity']['label_agreement']:.2%})"
                                           for name, entry in model["exports"].items()) or "model.keras only"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -264,7 +265,26 @@ def start_server(home, port: int, env: dict | None = None) -> subprocess.Popen:
 
 
 def kill_server(proc: subprocess.Popen) -> None:
+    crash(proc)
+
+
+def crash(proc: subprocess.Popen) -> None:
+    """A real crash of a process started in a session of its own: SIGKILL to its whole group, no chance to clean
+    up; waits for it. Nothing when it has ended."""
     import signal
 
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def tfpipe_process(*args: str):
+    """`tfpipe ARGS` running in a session of its own (stdout and stderr piped); crashed on leaving if still
+    running, so that a failed test leaves no training behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        crash(proc)

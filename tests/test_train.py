@@ -17,8 +17,8 @@ from tasks.reader import make_dataset
 from pipeline_config import ConfigError
 from tasks.model import load_model
 from tasks.train import EpochRecorder, make_loss, run_epochs, start_run, train
-from tests.conftest import (PLAIN_TRAINING, REPO, invoke_cli, make_config, mnist_arrays, saved_epochs,
-                            write_parquet_source)
+from tests.conftest import (PLAIN_TRAINING, REPO, crash, invoke_cli, make_config, mnist_arrays, saved_epochs,
+                            tfpipe_process, write_parquet_source)
 
 
 def replica_values(variable):
@@ -123,9 +123,7 @@ def test_deterministic_runs_give_identical_weights(tmp_path):
 def test_killed_training_resumes_from_the_last_completed_epoch(root):
     args = ["train", "--set", f"artifacts.root={root}", "--set", "data.limit=2000", "--set", "train.epochs=3",
             "--set", "train.batch_size=64", "--set", "train.precision=float32", "--json"]
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    with tfpipe_process(*args) as proc:
         deadline = time.time() + 240
         index = None
         while time.time() < deadline and proc.poll() is None:
@@ -135,12 +133,7 @@ def test_killed_training_resumes_from_the_last_completed_epoch(root):
                 break
             time.sleep(0.05)
         assert index is not None, proc.communicate()[1][-2000:]
-        os.killpg(proc.pid, signal.SIGKILL)  # a real crash: no chance to clean up
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        crash(proc)  # a real crash: no chance to clean up
     assert not [p for p in (root / "train").iterdir() if not p.name.startswith(".")]  # nothing published
     done = saved_epochs(index.read_text())  # what the killed run had checkpointed
     code, out, err = invoke_cli(*args)

@@ -68,7 +68,10 @@ class EpochRecorder:
         self.early = EarlyStopping(run) if run.cfg.train.early_stopping.enabled else None
         self.plateau = Plateau(run) if run.cfg.train.lr_schedule.name == "plateau" else None
         self.stop_reason: str | None = None
-        self.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, completed_epochs=self.completed,
+        # phase 1's optimizer under the name a run without phases uses; the others beside it
+        optimizers = {"optimizer": run.optimizers[0],
+                      **{f"optimizer_phase_{i + 1}": o for i, o in enumerate(run.optimizers) if i}}
+        self.checkpoint = tf.train.Checkpoint(model=run.model, **optimizers, completed_epochs=self.completed,
                                               steps_into_epoch=self.steps, **rng, **(self.early.state() if self.early else {}),
                                               **(self.plateau.state() if self.plateau else {}))
         os.makedirs(run.worker_dir, exist_ok=True)
@@ -109,7 +112,8 @@ class EpochRecorder:
         trained = min(self.run.dataset.counts["train"], self.run.steps_per_epoch * self.run.cfg.train.batch_size)
         if self.plateau is not None:  # first: the record holds the rate the next epoch trains with
             self.plateau.update(epoch, logs)
-        record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}, "train_seconds": train_seconds,
+        record = {"epoch": epoch + 1, **({"phase": self.run.phase + 1} if self.run.cfg.train.phases else {}),
+                  **{k: float(v) for k, v in logs.items()}, "train_seconds": train_seconds,
                   "wall_seconds": wall_seconds, "images_per_second": trained / max(train_seconds, 1e-9),
                   "learning_rate": current_learning_rate(self.run.optimizer)}  # the rate the next step applies
         self.history.append(record)

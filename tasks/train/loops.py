@@ -18,6 +18,7 @@ import tensorflow as tf
 from tasks.progress import on_terminal, progress_bar
 from tasks.train.checkpoints import EpochRecorder
 from tasks.train.objectives import make_loss, make_metrics
+from tasks.train.phases import phase_at
 from tasks.train.setup import TrainingRun
 
 log = logging.getLogger("tfpipe.train")
@@ -28,8 +29,12 @@ def run_epochs(run: TrainingRun, start_epoch: int, start_step: int, recorder: Ep
     `recorder.end_epoch` after each, `recorder.interrupt` when a stop signal arrives."""
     if start_epoch >= run.cfg.train.epochs or recorder.stop_reason:
         return
-    style = FitStyle(run, recorder) if run.cfg.train.mode == "fit" else CustomStyle(run, recorder)
+    style = None
     for epoch in range(start_epoch, run.cfg.train.epochs):
+        phase = phase_at(run.cfg.train, epoch)
+        if style is None or phase != run.phase:  # a new trainable set: compiled (fit) or traced (custom) anew
+            run.enter_phase(phase)
+            style = FitStyle(run, recorder) if run.cfg.train.mode == "fit" else CustomStyle(run, recorder)
         style.train_epoch(epoch, start_step if epoch == start_epoch else 0)
         if recorder.stop_reason:
             log.info("%s", recorder.stop_reason)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import keras
 
-from pipeline_config import PipelineConfig
+from pipeline_config import PhaseConfig, PipelineConfig
 
 
-def learning_rate(cfg: PipelineConfig, steps_per_epoch: int):
+def learning_rate(cfg: PipelineConfig, steps_per_epoch: int, phase: PhaseConfig | None = None):
     """train.optimizer.learning_rate shaped by train.lr_schedule, in optimizer steps (restored with the optimizer's
-    iteration count, so a resumed run continues on the same curve)."""
-    rate, sc, epochs = cfg.train.optimizer.learning_rate, cfg.train.lr_schedule, cfg.train.epochs
+    iteration count, so a resumed run continues on the same curve); in a phase, the phase's rate and schedule
+    (train's where it sets none) over the phase's epochs."""
+    rate = (phase and phase.learning_rate) or cfg.train.optimizer.learning_rate
+    sc = (phase and phase.lr_schedule) or cfg.train.lr_schedule
+    epochs = phase.epochs if phase else cfg.train.epochs
     if sc.name == "cosine":
         warmup = int(round(sc.warmup_epochs * steps_per_epoch))
         return keras.optimizers.schedules.CosineDecay(
@@ -23,9 +26,10 @@ def learning_rate(cfg: PipelineConfig, steps_per_epoch: int):
     return rate
 
 
-def make_optimizer(cfg: PipelineConfig, precision: str, steps_per_epoch: int = 1) -> keras.optimizers.Optimizer:
+def make_optimizer(cfg: PipelineConfig, precision: str, steps_per_epoch: int = 1,
+                   phase: PhaseConfig | None = None) -> keras.optimizers.Optimizer:
     opt = cfg.train.optimizer
-    rate = learning_rate(cfg, steps_per_epoch)
+    rate = learning_rate(cfg, steps_per_epoch, phase)
     common = {"clipnorm": opt.clipnorm, "weight_decay": opt.weight_decay}
     if opt.name == "sgd":
         optimizer = keras.optimizers.SGD(rate, momentum=opt.momentum, **common)

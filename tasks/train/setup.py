@@ -14,16 +14,19 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline_config import PipelineConfig
-from tasks.artifacts import DatasetArtifact, local_dataset
+from tasks.artifacts import MODEL_FILE, DatasetArtifact, local_dataset, local_file
+from tasks.champion import resolve_model
 from tasks.cluster import worker_role
 from tasks.devices import strategy_devices, strategy_name
 from tasks.errors import PipelineError
-from tasks.model import build_model
+from tasks.model import build_model, load_model
 from tasks.storage import join
 from tasks.reader import batch_count, make_dataset, per_worker_dataset_fn
 from tasks.train.checkpoints import mirror_dir, work_dir
 from tasks.train.objectives import LABEL_MODES
 from tasks.train.optimization import make_optimizer
+from tasks.train.phases import (check_phase_layers, describe, run_phases, set_trainable, synchronise_batch_norm,
+                                warm_start)
 
 log = logging.getLogger("tfpipe.train")
 
@@ -66,10 +69,24 @@ class TrainingRun:
     work: str
     mirror: str | None  # the work dir's copy in the bucket, when the root is one
     model: keras.Model
-    optimizer: keras.optimizers.Optimizer
+    optimizers: list[keras.optimizers.Optimizer]  # one per phase (train.phases), each built on its trainable set
     train_input: Callable[[int, int], Any]  # (epoch, batches to skip) -> that epoch's input, shuffled by seed + epoch
     val_data: Any  # a tf.data.Dataset, or under multi_worker a function each worker builds its part with
     stop: StopRequest
+    init_from: dict | None = None  # the published model the weights started from: fingerprint, uri
+    phase: int = 0
+
+    @property
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        """The optimizer of the phase being trained."""
+        return self.optimizers[self.phase]
+
+    def enter_phase(self, index: int) -> None:
+        """Freeze and unfreeze for phase `index`; its optimizer steps from now on."""
+        if self.cfg.train.phases:
+            set_trainable(self.model, self.cfg.train.phases[index].trainable)
+            log.info("%s", describe(self.cfg.train, index, self.model))
+        self.phase = index
 
     @property
     def chief(self) -> bool:
@@ -115,9 +132,11 @@ def start_run(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distri
         tf.config.experimental.enable_op_determinism()
     dataset = local_dataset(dataset, cfg.artifacts.local_cache)  # from a bucket: staged, verified shards
     train_input, val_data = training_inputs(cfg, dataset, strategy)
-    model, optimizer = build_for_training(cfg, dataset, strategy, precision[0])
+    init = init_source(cfg)
+    model, optimizers = build_for_training(cfg, dataset, strategy, precision[0], init)
     return TrainingRun(cfg, dataset, strategy, precision[0], precision[1], work_dir(cfg, fp), mirror_dir(cfg, fp),
-                       model, optimizer, train_input, val_data, StopRequest(catch=not tc.in_cluster))
+                       model, optimizers, train_input, val_data, StopRequest(catch=not tc.in_cluster),
+                       init_from={"fingerprint": init[0], "uri": init[1]} if init else None)
 
 
 def class_weights(cfg: PipelineConfig, dataset: DatasetArtifact) -> list[float] | None:
@@ -174,16 +193,39 @@ def training_inputs(cfg: PipelineConfig, dataset: DatasetArtifact,
                                      records=count - count % replicas)
 
 
+def init_source(cfg: PipelineConfig) -> tuple[str, str] | None:
+    """(fingerprint, directory) of the published model train.init_from names, or None."""
+    if not cfg.train.init_from:
+        return None
+    uri, manifest = resolve_model(cfg.artifacts.root, cfg.train.init_from)
+    return manifest["fingerprint"], uri
+
+
 def build_for_training(cfg: PipelineConfig, dataset: DatasetArtifact, strategy: tf.distribute.Strategy,
-                       precision: str) -> tuple[keras.Model, keras.optimizers.Optimizer]:
-    """Model and optimizer, both created inside the strategy scope (the optimizer built, as the custom loop needs)."""
+                       precision: str, init: tuple[str, str] | None = None,
+                       ) -> tuple[keras.Model, list[keras.optimizers.Optimizer]]:
+    """Model and an optimizer per phase, all created inside the strategy scope, each optimizer built on its
+    phase's trainable weights (the custom loop needs them built); the model starts from `init`'s weights when
+    given. The model is left as the first phase trains it."""
     with strategy.scope():
         model = build_model(cfg.model, dataset.image_shape, dataset.num_classes, cfg.train.loss, precision,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, local_cache=cfg.artifacts.local_cache)
+        check_phase_layers(cfg, model)
+        if strategy.num_replicas_in_sync > 1:
+            synchronise_batch_norm(model)
+        if init is not None:
+            source = load_model(local_file(join(init[1], MODEL_FILE), cfg.artifacts.local_cache))
+            log.info("starting from the weights of model %s (%d layers)", init[0][:12],
+                     warm_start(model, source, init[0]))
         steps = steps_per_epoch(dataset.counts["train"], cfg.train.batch_size, strategy.num_replicas_in_sync)
-        optimizer = make_optimizer(cfg, precision, steps)
-        optimizer.build(model.trainable_variables)
-    return model, optimizer
+        optimizers = []
+        for phase in run_phases(cfg.train):
+            set_trainable(model, phase.trainable if phase else "all")
+            optimizer = make_optimizer(cfg, precision, steps, phase)
+            optimizer.build(model.trainable_variables)
+            optimizers.append(optimizer)
+        set_trainable(model, cfg.train.phases[0].trainable if cfg.train.phases else "all")
+    return model, optimizers
 
 
 def steps_per_epoch(records: int, batch_size: int, replicas: int) -> int:

@@ -17,12 +17,14 @@ from tasks.cluster import barrier, lost_worker_errors, run_local_workers, worker
 from tasks.devices import make_strategy, resolve_precision
 from tasks.errors import PipelineError
 from tasks.export import export_formats, export_published, missing_formats
+from tasks.backbones import weights_fingerprint
 from tasks.model import RAW_PIXELS
 from tasks.storage import join
 from tasks.train.checkpoints import STAGE, EpochCallback, EpochRecorder, clear_work, save_outputs, work_dir
 from tasks.train.loops import run_epochs, weights_digest
 from tasks.train.objectives import METRIC_NAMES
-from tasks.train.setup import TrainingRun, start_run
+from tasks.train.phases import recalibrate_batch_norm, uses_batch_norm
+from tasks.train.setup import TrainingRun, init_source, start_run
 
 log = logging.getLogger("tfpipe.train")
 
@@ -32,12 +34,20 @@ TRAIN_CODE_VERSION = "6"  # 2: epoch k shuffled by train.seed + k (exact resume)
 
 
 def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: str) -> str:
-    train = cfg.train.model_dump(mode="json")
+    # keys that change nothing here left out: the fingerprints of before stay
+    unset = {key for key in ("phases", "init_from") if not getattr(cfg.train, key)}
+    if not uses_batch_norm(cfg.model):
+        unset.add("bn_recalibration_batches")
+    train = cfg.train.model_dump(mode="json", exclude=unset)
     train["precision"] = precision  # `auto` resolves per machine: key on what actually trains
     if train["local_workers"]:  # the launcher and the workers it starts name the same model
         train.update(strategy="multi_worker", local_workers=None)
-    return fingerprint({"dataset": dataset.fingerprint, "model": cfg.model.model_dump(mode="json", exclude={"card"}),
-                        "train": train,
+    # model.card changes no weight; a backbone replaces model.layers
+    model = cfg.model.model_dump(mode="json", exclude={"card", "layers" if cfg.model.backbone else "backbone"})
+    starts = {"backbone_weights": weights_fingerprint(cfg.model.backbone)} if cfg.model.backbone else {}
+    if cfg.train.init_from:
+        starts["init_from"] = init_source(cfg)[0]  # `champion` keys on the model it names now
+    return fingerprint({"dataset": dataset.fingerprint, "model": model, "train": train, **starts,
                         "shuffle_buffer": cfg.data.shuffle_buffer, "augment": cfg.data.augment.model_dump(mode="json"),
                         "code": TRAIN_CODE_VERSION})
 
@@ -122,6 +132,7 @@ def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -
     with run.stop:
         run_epochs(run, start_epoch, start_step, recorder)
     stopping = recorder.finish()
+    recalibrate_batch_norm(run)
     log.info("final weights sha256 %s (worker %d)", weights_digest(run.model), worker_role(run.strategy)[1])
     model = save_outputs(run, recorder, out, {"resumed_from_epoch": start_epoch,
                                               "seconds_this_run": time.perf_counter() - started, **stopping})
@@ -134,6 +145,6 @@ def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -
             "parameters": model.count_params(), "history_path": "history.json", "tensorboard_dir": "tensorboard",
             "epochs": run.cfg.train.epochs, "resumed_from_epoch": start_epoch, "final_metrics": final,
             "image_shape": run.dataset.image_shape, "num_classes": run.dataset.num_classes,
-            "input_pixels": RAW_PIXELS, "image_format": run.dataset.image_format,
+            "input_pixels": RAW_PIXELS, "image_format": run.dataset.image_format, "init_from": run.init_from,
             "label_names": run.dataset.label_names, "loss": run.cfg.train.loss,
             "config": run.cfg.model_dump(mode="json"), **stopping}
