@@ -54,11 +54,11 @@ def with_dtype_policy(model, policy: str):
 
     def clone(layer):
         config = layer.get_config()
-        if layer is not model.layers[-1]:
+        if layer is not model.layers[-1] and "dtype" in config:  # operations inside a backbone (Add) have none
             config["dtype"] = policy
         return layer.__class__.from_config(config)
 
-    clone_ = keras.models.clone_model(model, clone_function=clone)
+    clone_ = keras.models.clone_model(model, clone_function=clone, recursive=True)  # a backbone's layers too
     clone_.set_weights(model.get_weights())
     return clone_
 

@@ -113,10 +113,15 @@ def test_phases_in_both_styles_on_two_replicas_in_mixed_precision(tmp_path, mode
     result = run_cli("train", "--json", *cli_sets(
         f"artifacts.root={tmp_path}", *MOBILENET, "train.cpu_replicas=2", f"train.mode={mode}",
         "train.precision=mixed_bfloat16",
-        "train.phases=[{epochs: 1, trainable: head}, {epochs: 1, trainable: 'top:12', learning_rate: 0.0002}]"))
+        "train.phases=[{epochs: 1, trainable: head}, {epochs: 1, trainable: 'top:12', learning_rate: 0.0002}]",
+        # and once, every serving format of a bf16 backbone (its nested layers recast to float32 for TFLite/ONNX)
+        *(["export.formats=[saved_model,tflite,onnx]"] if mode == "custom" else [])))
     assert result.returncode == 0, result.stderr[-3000:]
     artifact = json.loads(result.stdout)
     assert artifact["replicas"] == 2 and artifact["precision"] == "mixed_bfloat16" and artifact["epochs"] == 2
+    if mode == "custom":
+        assert sorted(artifact["exports"]) == ["onnx", "saved_model", "tflite"]
+        assert all(e["parity"]["label_agreement"] >= 0.999 for e in artifact["exports"].values())
     log = result.stderr
     assert "phase 1/2: 1 epoch(s), trainable head" in log and "phase 2/2: 1 epoch(s), trainable top:12" in log
     frozen, tuned = (int(re.search(rf"phase {i}/2: .*\(([\d,]+) of", log).group(1).replace(",", "")) for i in (1, 2))
