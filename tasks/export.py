@@ -13,6 +13,7 @@ images; label agreement with Keras below `export.min_label_agreement` fails the 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -117,11 +118,13 @@ def check_parity(model, files: dict[str, str], cfg: ExportConfig, dataset: Datas
     SavedModel is compared with the model as trained, the float32 formats with the model computing in float32:
     the check is of the conversion, not of the precision."""
     images = split_sample(dataset, "test", cfg.parity_samples)
-    as_trained = keras_probabilities(model, images)
-    in_float32 = keras_probabilities(with_dtype_policy(model, "float32"), images)
+    @functools.cache  # each reference once, and the float32 copy (a clone of the model) only when needed
+    def keras_reference(in_float32: bool) -> np.ndarray:
+        return keras_probabilities(with_dtype_policy(model, "float32") if in_float32 else model, images)
+
     figures = {}
     for name, outputs in run_in_own_process(files, images).items():
-        expected = as_trained if name.startswith("saved_model") else in_float32
+        expected = keras_reference(not name.startswith("saved_model"))
         probabilities = class_probabilities(outputs)
         figures[name] = {"samples": len(images),
                          "label_agreement": float(np.mean(probabilities.argmax(1) == expected.argmax(1))),

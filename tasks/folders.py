@@ -36,6 +36,11 @@ LAYOUT = ("data.source=folder:PATH needs PATH/<class>/<image files> (or PATH/tra
 Entry = tuple[str, int]  # (path relative to the folder, label)
 
 
+def configured_channels(cfg: DataConfig) -> int | None:
+    """data.color_mode as a channel count; None for auto (found from the images)."""
+    return {"rgb": 3, "grayscale": 1}.get(cfg.color_mode)
+
+
 def image_format(cfg: DataConfig, channels: int | None) -> ImageFormat:
     return ImageFormat(tuple(cfg.image_size) if cfg.image_size else None, cfg.resize, cfg.interpolation, channels)
 
@@ -57,7 +62,7 @@ def folder_source(root: str, cfg: DataConfig) -> Source:
         names, found, report = labelled_by_directory(files, cfg)
     if not found["train"]:
         raise PipelineError(f"{root}: no labelled image files for the train split: {LAYOUT}")
-    channels = {"rgb": 3, "grayscale": 1}.get(cfg.color_mode) or colour_channels(root, found["train"] + found["test"])
+    channels = configured_channels(cfg) or colour_channels(root, found["train"] + found["test"])
     fmt = image_format(cfg, channels)
     report.update(image_format=fmt.settings(), class_names=names, skipped=[], not_images=[], source_sizes={})
     splits = {}

@@ -84,7 +84,6 @@ def iter_parquet_batches(files: list[str], columns: list[str], batch_size: int) 
 
 
 
-
 def _decode_encoded(blobs: list[bytes | None], shape: list[int] | None, where: str, fmt: ImageFormat) -> np.ndarray:
     """Encoded images (tasks/decoding.py): resized to fmt.size when set; else every one must have `shape` (or the
     first image's shape when none is set)."""

@@ -25,7 +25,8 @@ from tasks import storage
 from tasks.artifacts import CACHE_PREFIX, local_dataset, resolve_cache_ref
 from tasks.decoding import ImageFormat
 from tasks.errors import PipelineError, first_line
-from tasks.folders import file_batches, folder_hash, folder_source, image_files, image_format
+from tasks.folders import (configured_channels, file_batches, folder_hash, folder_source, image_files,
+                           image_format)
 from tasks.streams import Batch, Source, SplitStream
 from tasks.images import (check_numpy_images, decode_images, decode_labels, iter_parquet_batches, load_npz,
                           normalise_shape, open_parquet, parquet_files, schema_metadata, to_format)
@@ -51,7 +52,7 @@ def open_source(cfg: DataConfig) -> Source:
         raise PipelineError(f"data.labels_file labels a folder source; {cfg.source} has its labels: unset it")
     if kind == "folder":
         return folder_source(where, cfg)
-    fmt = image_format(cfg, {"rgb": 3, "grayscale": 1}.get(cfg.color_mode))  # auto: each image keeps its own
+    fmt = image_format(cfg, configured_channels(cfg))  # auto: each image keeps its own
     if kind in ("mnist", "parquet"):
         source = _parquet_source(where, cfg, fmt)
         if kind == "mnist":
@@ -292,8 +293,8 @@ def expected_shape(cfg: DataConfig) -> list[int] | None:
     """The shape data.image_size (with an explicit color_mode, its channels) or data.image_shape promises, as
     [height, width] or [height, width, channels]."""
     if cfg.image_size:
-        channels = {"rgb": [3], "grayscale": [1]}.get(cfg.color_mode, [])
-        return [*cfg.image_size, *channels]
+        channels = configured_channels(cfg)
+        return [*cfg.image_size, *([channels] if channels else [])]
     return normalise_shape(cfg.image_shape) if cfg.image_shape else None
 
 
