@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows import console
 from pipeline_config import ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,6 +35,7 @@ RerunOpt = Annotated[Optional[str], typer.Option(
 
 
 def _fail(message: str, code: int) -> None:
+    console.end_native_stderr()
     typer.echo(f"tfpipe: {message}", err=True)
     raise typer.Exit(code)
 
@@ -307,6 +309,7 @@ def _prefect_errors_are_one_line():
     except httpx.TransportError as exc:
         from prefect.settings import PREFECT_API_URL
 
+        console.end_native_stderr()
         typer.echo(f"tfpipe: error: lost the Prefect server at {PREFECT_API_URL.value() or 'its temporary address'} "
                    f"({type(exc).__name__}: {first_line(exc)}); the stages that finished "
                    "published their outputs: re-run once the server is back and they are reused", err=True)
@@ -345,8 +348,6 @@ def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
 
 
 def main() -> None:
-    from flows import console
-
     argv = sys.argv[1:]
     console.configure(argv)  # before TensorFlow loads: its C++ start-up lines are hidden unless -v
     app(args=[a for a in argv if a not in ("-v", "--verbose")], prog_name="tfpipe")

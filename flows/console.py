@@ -24,6 +24,10 @@ NATIVE_LOG_LINE = re.compile(
     rb"^([IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] "  # absl / TensorFlow C++ log lines (F: fatal, kept)
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
     rb"|To enable the following instructions: .* rebuild TensorFlow)")
+DRAINED = b"\0tfpipe: native stderr drained\n"  # written by end_native_stderr; never shown
+
+_native_pipe_open = False
+_native_drained = threading.Event()
 
 
 def verbose_requested(argv: list[str]) -> bool:
@@ -37,9 +41,11 @@ def quiet_native_logs() -> None:
         read_end, write_end = os.pipe()
     except OSError:
         return
+    global _native_pipe_open
     sys.stderr.flush()
     os.dup2(write_end, 2)
     os.close(write_end)
+    _native_pipe_open = True
     sys.stderr = io.TextIOWrapper(os.fdopen(real, "wb", buffering=0), encoding="utf-8", errors="replace",
                                   line_buffering=True, write_through=True)
     threading.Thread(target=_forward, args=(read_end, real), name="tfpipe-native-stderr", daemon=True).start()
@@ -48,8 +54,32 @@ def quiet_native_logs() -> None:
 def _forward(read_end: int, real: int) -> None:
     with os.fdopen(read_end, "rb", buffering=0) as pipe:
         for line in iter(pipe.readline, b""):
-            if not NATIVE_LOG_LINE.match(line):
+            drained = line.endswith(DRAINED)
+            line = line.removesuffix(DRAINED)
+            if line and not NATIVE_LOG_LINE.match(line):
                 os.write(real, line)
+            if drained:
+                _native_drained.set()
+
+
+def end_native_stderr(timeout_s: float = 5.0) -> None:
+    """Before a command's last line: what native code wrote so far is passed on first, and what it writes from now
+    on goes nowhere (TensorFlow's threads keep reporting a lost collective while the process exits), so that the
+    one line naming the problem is the last one. Quiet mode only: with -v everything stays."""
+    global _native_pipe_open
+    if not _native_pipe_open:
+        return
+    _native_pipe_open = False
+    try:
+        pipe = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        os.write(pipe, DRAINED)  # after everything already in the pipe: seen by the reader once those are out
+        os.close(pipe)
+    except OSError:
+        return
+    _native_drained.wait(timeout_s)
 
 
 class _NoPrefectChatter(logging.Filter):

@@ -93,3 +93,25 @@ def test_quiet_python_logs_twice_attaches_each_filter_once():
     handler_filters, logger_filters = json.loads(done.stdout.strip().splitlines()[-1])
     assert handler_filters and all(n == 1 for n in handler_filters)
     assert logger_filters == [1, 1]
+
+
+def test_the_error_line_stays_last_while_native_code_keeps_writing():
+    # As TensorFlow's threads do when a collective is lost: lines on descriptor 2 before and after the failure.
+    script = ("import os, sys, threading\n"
+              "from flows import cli, console\n"
+              "console.configure([])\n"
+              "started = threading.Event()\n"
+              "def native():\n"
+              "    while True:\n"
+              "        os.write(2, b'The tasks have crashed.\\n'); started.set()\n"
+              "threading.Thread(target=native, daemon=True).start()\n"
+              "started.wait()\n"
+              "try:\n"
+              "    cli._fail('error: worker 0 lost contact with worker 1', 1)\n"
+              "except BaseException:\n"
+              "    sys.exit(1)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert "The tasks have crashed." in lines  # passed on while the command ran
+    assert lines[-1] == "tfpipe: error: worker 0 lost contact with worker 1"
