@@ -186,6 +186,31 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False,
 
 
 @app.command()
+def tune(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Tune hyperparameters (the tune section): Optuna trials on Dask, each the train stage with the trial's config;
+    the best model goes through the gate and its config is written as a preset. Run again to continue a study."""
+    _setup(config, set)
+    from flows.tuning import states_line, tuning_flow
+
+    with _prefect_errors_are_one_line():
+        summary = _guarded(lambda: tuning_flow(config_file=config, overrides=_overrides_dict(set)))
+    if json_out:
+        typer.echo(summary.model_dump_json(indent=2))
+        return
+    ev, trials = summary.evaluation, summary.trials
+    typer.echo("\n".join([
+        f"study: {summary.study} ({states_line(trials)})",
+        f"best: trial {summary.best_trial}, objective {summary.best_value:.4f}: "
+        + ", ".join(f"{k}={v}" for t in trials if t["number"] == summary.best_trial for k, v in t["params"].items()),
+        f"model: {summary.best_model}",
+        f"gate: {'BLESSED' if ev.blessed else 'NOT blessed'}, test accuracy {ev.metrics['accuracy']:.4f}",
+        f"preset: {summary.preset}",
+        f"study.json: {summary.study_json}",
+        f"took {summary.seconds:.1f}s",
+    ]))
+
+
+@app.command()
 def models(card: Annotated[Optional[str], typer.Option("--card", metavar="MODEL", help=(
                "Print the model card of MODEL (champion, a directory or a fingerprint) instead."))] = None,
            config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False) -> None:

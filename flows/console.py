@@ -112,21 +112,31 @@ class _NoDaskTeardownNoise(logging.Filter):
         return type(exc).__name__ not in ("CommClosedError", "StreamClosedError")
 
 
+class _NoQueueDrainNotes(logging.Filter):
+    """Prefect's event and log workers, flushing at exit, note how many items they still hold ("Still processing
+    items: N items remaining..."), after the command's last line; they send them all the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Still processing items")
+
+
 # One instance each: logging's addFilter skips a filter already attached, so calling quiet_python_logs again
 # (a second CLI entry in one process, the tests) adds nothing.
 NO_PREFECT_CHATTER = _NoPrefectChatter()
 NO_TRACEBACK_FOR_USER_ERRORS = _NoTracebackForUserErrors()
 NO_DASK_TEARDOWN_NOISE = _NoDaskTeardownNoise()
+NO_QUEUE_DRAIN_NOTES = _NoQueueDrainNotes()
 
 
 def quiet_python_logs() -> None:
-    """TensorFlow's Python warnings (retracing notes), Prefect's server chatter, the tracebacks of user errors and
-    Dask's teardown noise, hidden unless verbose."""
+    """TensorFlow's Python warnings (retracing notes), Prefect's server chatter and queue-drain notes, the
+    tracebacks of user errors and Dask's teardown noise, hidden unless verbose."""
     from tasks import configure_logging
 
     configure_logging()  # the stderr handler every logger's records reach, filtered here
     for handler in logging.getLogger().handlers:
         handler.addFilter(NO_DASK_TEARDOWN_NOISE)
+        handler.addFilter(NO_QUEUE_DRAIN_NOTES)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("prefect").addFilter(NO_PREFECT_CHATTER)
     for name in ("prefect.flow_runs", "prefect.task_runs"):

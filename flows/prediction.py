@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import dashboard
+from flows.dask_cluster import dask_runner, threads_per_worker
 from flows.retry import retry_transient
 from pipeline_config import PipelineConfig, load_config
 from tasks import parts
@@ -61,32 +62,12 @@ def _on_dask(cfg: PipelineConfig, config_file, overrides, model: str, input: str
              allow_unblessed: bool, overwrite: bool) -> dict:
     """Resolve the model and the files once, then score the files on the cluster as a subflow whose task runner
     is Dask (an existing scheduler, or a LocalCluster of processes with one thread each)."""
-    from prefect_dask import DaskTaskRunner
-
     fingerprint = parts.resolve_blessed(cfg, model, allow_unblessed)
     files = parts.input_files(cfg, input)
-    pc = cfg.predict
-    workers = pc.dask_workers or parts.default_workers()
-    runner = DaskTaskRunner(address=pc.dask_address) if pc.dask_address else DaskTaskRunner(cluster_kwargs={
-        "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-        "env": worker_environment()})
-    threads = max(1, parts.default_workers() // workers)
-    return score_files.with_options(task_runner=runner)(config_file, overrides, fingerprint, files, output, threads,
-                                                        overwrite)
-
-
-def worker_environment() -> dict[str, str]:
-    """What the LocalCluster's workers need beyond this process's environment: where this run's Prefect server is.
-    Without PREFECT_API_URL every worker process would start a temporary server of its own (15-20 s each on a
-    cold machine), and its task runs would not show on this run's server."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return {}
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the temporary server this process started for the run
-    return {"PREFECT_API_URL": server.api_url} if server.running else {}
+    workers = cfg.predict.dask_workers or parts.default_workers()
+    runner = dask_runner(cfg.predict.dask_address, workers)
+    return score_files.with_options(task_runner=runner)(config_file, overrides, fingerprint, files, output,
+                                                        threads_per_worker(workers), overwrite)
 
 
 @flow(name="batch-prediction-dask")

@@ -1,7 +1,7 @@
 """The one configuration schema of tfpipe.
 
 Every stage reads its own section (`data`, `model`, `train`, `evaluate`, `predict`, `artifacts`,
-`schedule`). A config is the default YAML, optionally a user YAML merged over it, then dotted
+`schedule`, `serve`, `tune`, `tracking`). A config is the default YAML, optionally a user YAML merged over it, then dotted
 `--set key=value` overrides. Unknown keys and wrong types are rejected before any work is done.
 """
 
@@ -408,6 +408,97 @@ class ServeConfig(Section):
     _places = field_validator("allowed_inputs", "allowed_outputs")(_absolute_places)
 
 
+class SearchDimension(Section):
+    """One key of tune.search_space: a range (float, or int when low and high are whole numbers) or choices."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = Field(False, description="sample the range on a log scale")
+    step: float | None = Field(None, gt=0, description="a range in steps of this (grid: the grid's spacing)")
+    choices: list[Any] | None = Field(None, min_length=1, description="categorical: one of these values")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "SearchDimension":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low and high, not both")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError("give choices, or low < high")
+        elif self.log and self.low <= 0:
+            raise ValueError("log: low must be > 0")
+        elif self.log and self.step:
+            raise ValueError("log and step exclude each other")
+        if self.choices is not None and not all(isinstance(c, (str, int, float, bool)) for c in self.choices):
+            raise ValueError("choices are numbers, strings or booleans")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return self.choices is None and all(float(v).is_integer() for v in (self.low, self.high, self.step or 1))
+
+
+# keys a trial may not change: where results go, what the study is, and the stages after training
+_NOT_TUNABLE = ("tune.", "tracking.", "artifacts.", "rerun", "evaluate.", "predict.", "schedule.", "serve.",
+                "train.strategy", "train.local_workers")
+_METRICS = ("loss", "accuracy", "precision", "recall")
+
+
+class TuneConfig(Section):
+    """tfpipe tune: Optuna trials, each the ordinary train stage with the trial's config (tasks/tuning.py)."""
+    search_space: dict[str, SearchDimension] = Field(default_factory=dict, description="dotted config key -> "
+                                                     "{low, high, log, step} or {choices}")
+    objective: str = Field("val_accuracy", description="the epoch metric a trial is judged by")
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="default: minimize for losses, "
+                                                              "else maximize")
+    trials: int = Field(8, ge=1, description="trials in the study, all runs of it together")
+    parallel: int = Field(2, ge=1, description="trials at once, one per Dask worker")
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruning_startup_trials: int = Field(2, ge=0, description="median: finished trials before any is pruned")
+    warmup_epochs: int = Field(0, ge=0, description="median: epochs of a trial never pruned")
+    seed: int = Field(0, description="the sampler's seed")
+    timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts")
+    enqueue: list[dict[str, Any]] = Field(default_factory=list, description="trials run first, as {key: value} "
+                                          "(a known good config, say)")
+    storage: str | None = Field(None, description="an Optuna database URL (postgresql://user@host/db, sqlite:///f); "
+                                "null: a journal file under the artifact root (one machine)")
+    dask_address: str | None = Field(None, description="an existing scheduler (tcp://host:8786); null: a "
+                                     "LocalCluster of `parallel` workers")
+
+    @field_validator("objective")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        known = [f"{prefix}{m}" for prefix in ("val_", "") for m in _METRICS]
+        if value not in known:
+            raise ValueError(f"one of {', '.join(known)}")
+        return value
+
+    @field_validator("search_space")
+    @classmethod
+    def _tunable(cls, space: dict) -> dict:
+        for key in space:
+            if key.startswith(_NOT_TUNABLE) or key in _NOT_TUNABLE:
+                raise ValueError(f"{key} cannot be tuned (a trial trains one model where the study says)")
+        return space
+
+    @model_validator(mode="after")
+    def _grid_is_discrete(self) -> "TuneConfig":
+        if self.sampler == "grid":
+            for key, dim in self.search_space.items():
+                if dim.choices is None and not dim.step:
+                    raise ValueError(f"tune.sampler=grid: tune.search_space.{key} needs choices or a step")
+        return self
+
+    @property
+    def maximize(self) -> bool:
+        return (self.direction or ("minimize" if self.objective.endswith("loss") else "maximize")) == "maximize"
+
+
+class TrackingConfig(Section):
+    mlflow_uri: str | None = Field(None, description="log every training run to this MLflow tracking server "
+                                   "(pip install 'tfpipe[mlflow]'); a tracker that fails never fails the run")
+    experiment: str = Field("tfpipe", description="the MLflow experiment the runs go to")
+
+
 STAGES = ("ingest", "train", "evaluate", "predict")
 
 
@@ -423,7 +514,25 @@ class PipelineConfig(Section):
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _search_space_keys(self) -> "PipelineConfig":
+        """Every tuned key names a config value that takes each end of its range (each choice): a bad space fails
+        here, not in its first trial."""
+        base = self.model_dump(mode="json", exclude={"tune"})
+        for key, dim in self.tune.search_space.items():
+            for value in dim.choices if dim.choices is not None else (dim.low, dim.high):
+                value = int(value) if dim.integer else value
+                tree = copy.deepcopy(base)
+                try:
+                    _set_dotted(tree, key.split("."), value)
+                    PipelineConfig.model_validate(tree)
+                except (ConfigError, ValidationError) as exc:
+                    text = validation_message(exc) if isinstance(exc, ValidationError) else str(exc)
+                    raise ValueError(f"tune.search_space: {key}={value!r}: {text.removeprefix('config error: ')}") from None
+        return self
 
     def rebuilds(self, stage: str) -> bool:
         """Whether `rerun` asks for `stage` to be rebuilt: the stage named and every stage after it."""
@@ -513,7 +622,9 @@ def _read_yaml(path: Path) -> dict:
 
 def validation_message(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "config"
+    key = ".".join(str(p) for p in err["loc"])
+    if not key:  # a check across sections: its message names the keys
+        return f"config error: {err['msg'].removeprefix('Value error, ')}"
     if err["type"] == "extra_forbidden":
         parent = [str(p) for p in err["loc"][:-1]]
         known = _known_keys(PipelineConfig, parent) or []
@@ -522,6 +633,15 @@ def validation_message(exc: ValidationError) -> str:
     if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
     return f"config error: {key}: {msg}"
+
+
+def user_settings(path: str | Path | None, overrides: dict[str, Any]) -> dict:
+    """What a user set (a config file, then dotted overrides) as one nested mapping, without the defaults: the
+    body of a preset that gives the same config through --config."""
+    tree = _read_yaml(Path(path)) if path else {}
+    for key, value in overrides.items():
+        _set_dotted(tree, key.split("."), value)
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:

@@ -14,6 +14,16 @@ from tasks.errors import PipelineError
 log = logging.getLogger("tfpipe.devices")
 
 
+def limit_threads(threads: int) -> None:
+    """TensorFlow's thread pools sized to this worker's share of the cores (before its first op), so that N
+    workers on one machine (Dask's, for prediction and tuning) do not oversubscribe it."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TensorFlow already started in this process: its pools stay as they are
+
+
 def configure_devices(cfg: TrainConfig) -> None:
     """Split the CPU into `cpu_replicas` logical devices, enable GPU memory growth, and under multi_worker create
     the process's MultiWorkerMirroredStrategy (collectives must be configured at start-up).

@@ -61,18 +61,6 @@ def resolve_blessed(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) 
     return manifest["fingerprint"]
 
 
-def limit_threads(threads: int) -> None:
-    """TensorFlow's thread pools sized to this worker's share of the cores (before its first op), so that N
-    workers on one machine do not oversubscribe it."""
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        pass  # TensorFlow already started in this process: its pools stay as they are
-
-
 def _predictor(cfg: PipelineConfig, model_fingerprint: str):
     from tasks.predict import load_predictor
 
@@ -86,6 +74,7 @@ def predict_part(cfg: PipelineConfig, model_fingerprint: str, input_file: str, o
                  threads: int | None = None, overwrite: bool = False) -> dict:
     """Score one input file into its part, or skip it when the part already holds this input with this model
     (unless `overwrite`: --overwrite redoes every part)."""
+    from tasks.devices import limit_threads
     from tasks.predict import predict_into
 
     if threads:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pwd
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,7 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 from pipeline_config import PipelineConfig, load_config  # noqa: E402
+from tasks.cluster import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO / "data" / "mnist"
@@ -279,12 +283,52 @@ def crash(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def tfpipe_process(*args: str):
+def tfpipe_process(*args: str, env: dict | None = None):
     """`tfpipe ARGS` running in a session of its own (stdout and stderr piped); crashed on leaving if still
     running, so that a failed test leaves no training behind."""
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, **(env or {})})
     try:
         yield proc
     finally:
         crash(proc)
+
+
+# ------------------------------------------------------------------------------ PostgreSQL
+
+def pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[-1:]), None)
+    assert found, f"{name} not found: install PostgreSQL (apt-get install -y postgresql; .ci/run does)"
+    return found
+
+
+def as_postgres_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as the `postgres` account Debian's package creates."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL cluster on a loopback port with a `prefect` database and pg_trgm; yields its asyncpg URL."""
+    directory = tempfile.mkdtemp(prefix="tfpipe-pg-")
+    if os.geteuid() == 0:
+        account = pwd.getpwnam("postgres")
+        os.chown(directory, account.pw_uid, account.pw_gid)
+    data, port = os.path.join(directory, "data"), free_port()
+
+    def run(cmd: list[str]) -> None:
+        done = subprocess.run(as_postgres_user(cmd), capture_output=True, text=True, timeout=120, cwd=directory)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    run([pg_bin("initdb"), "-D", data, "-A", "trust", "-U", "tfpipe", "--no-sync"])
+    run([pg_bin("pg_ctl"), "-D", data, "-w", "-l", os.path.join(directory, "postgres.log"), "-o",
+         f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start"])
+    try:
+        psql = [pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "tfpipe", "-v", "ON_ERROR_STOP=1"]
+        run([*psql, "-d", "postgres", "-c", "CREATE DATABASE prefect"])
+        run([*psql, "-d", "prefect", "-c", "CREATE EXTENSION pg_trgm"])
+        yield f"postgresql+asyncpg://tfpipe@127.0.0.1:{port}/prefect", psql
+    finally:
+        subprocess.run(as_postgres_user([pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "stop"]), capture_output=True,
+                       timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
