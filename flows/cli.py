@@ -354,7 +354,8 @@ def _overrides_dict(items: list[str] | None) -> dict:
 def serve(config: ConfigOpt = None, set: SetOpt = None,
           print_policy: Annotated[bool, typer.Option("--print-policy", help=(
               "Print the TFPIPE_SERVE_POLICY value this config gives (for a work pool's job environment) and exit."))] = False) -> None:
-    """Serve the scheduled training deployment (schedule.cron) and the on-demand batch-prediction deployment."""
+    """Serve the scheduled training deployment (schedule.cron) and the on-demand batch-prediction and tuning
+    deployments."""
     cfg = _setup(config, set)
     from flows.deployments import serve_deployments, serve_policy
 

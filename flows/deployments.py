@@ -1,4 +1,5 @@
-"""Deployments: scheduled training and on-demand batch prediction, served from one process (`tfpipe serve`)."""
+"""Deployments: scheduled training, on-demand batch prediction and on-demand tuning, served from one process
+(`tfpipe serve`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from prefect import serve
 
 from flows.prediction import batch_prediction
 from flows.training import training_pipeline
+from flows.tuning import tuning_flow
 from pipeline_config import PipelineConfig
 from tasks.policy import POLICY_ENV, ServePolicy
 
 TRAINING_DEPLOYMENT = "scheduled-training"
 PREDICTION_DEPLOYMENT = "on-demand"
+TUNING_DEPLOYMENT = "on-demand-tuning"
 
 
 def build_deployments(cfg: PipelineConfig, config_file: str | None, overrides: dict[str, Any]):
@@ -25,10 +28,14 @@ def build_deployments(cfg: PipelineConfig, config_file: str | None, overrides: d
     prediction = batch_prediction.to_deployment(
         name=PREDICTION_DEPLOYMENT, parameters={"config_file": config_file, "overrides": overrides},
         description="Batch prediction on demand: pass model, input and output.", tags=["tfpipe", "prediction"])
+    tuning = tuning_flow.to_deployment(
+        name=TUNING_DEPLOYMENT, parameters={"config_file": config_file, "overrides": overrides},
+        description="A hyperparameter study on demand (the tune section); a run continues its study.",
+        tags=["tfpipe", "tuning"])
     if cfg.schedule.timezone != "UTC":
         for schedule in training.schedules or []:
             schedule.schedule.timezone = cfg.schedule.timezone
-    return training, prediction
+    return training, prediction, tuning
 
 
 def serve_policy(cfg: PipelineConfig, config_file: str | None, overrides: dict[str, Any]) -> ServePolicy:

@@ -21,6 +21,7 @@ from tasks.champion import current_champion, promote, resolve_model
 from tasks.errors import PipelineError
 from tasks.model import class_probabilities, load_model, model_input
 from tasks.model_card import write_model_card
+from tasks.tracking import log_evaluation
 from tasks.storage import join
 
 log = logging.getLogger("tfpipe.evaluate")
@@ -184,7 +185,10 @@ def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Mode
         reasons=reasons, champion_before=manifest["champion_before"],
         champion_after=(current_champion(root) or {}).get("model_fingerprint"),
         metrics_path=manifest["metrics_path"], plots=manifest["plots"])
-    log.info("model card: %s", write_model_card(cfg, dataset, model_artifact, evaluation))
+    card = write_model_card(cfg, dataset, model_artifact, evaluation)
+    log.info("model card: %s", card)
+    if cfg.tracking.mlflow_uri:
+        log_evaluation(cfg, model_artifact.fingerprint, manifest["metrics"], card)
     return evaluation
 
 

@@ -118,12 +118,12 @@ def test_serve_schedules_training_runs_on_demand_prediction_and_refuses_what_ser
     try:
         deadline = time.time() + 120
         deployments = []
-        while time.time() < deadline and len(deployments) < 2:
+        while time.time() < deadline and len(deployments) < 3:
             assert serve.poll() is None, serve.stdout.read()[-3000:]
             deployments = api(lambda c: c.read_deployments())
             time.sleep(1)
         by_name = {d.name: d for d in deployments}
-        assert {"scheduled-training", "on-demand"} <= set(by_name)
+        assert {"scheduled-training", "on-demand", "on-demand-tuning"} <= set(by_name)
         assert [s.schedule.cron for s in by_name["scheduled-training"].schedules] == ["15 3 * * *"]
 
         # the scheduled training deployment, run now with the overrides a caller may set
@@ -153,6 +153,9 @@ def test_serve_schedules_training_runs_on_demand_prediction_and_refuses_what_ser
             run = run_deployment("batch-prediction/on-demand", timeout=240, parameters=parameters)
             assert run.state.is_failed(), (extra, run.state)
             assert f"served run refused: {expected}" in run.state.message and "\n" not in run.state.message
+        run = run_deployment("tuning/on-demand-tuning", timeout=240, parameters={  # served tuning: the same policy
+            "overrides": {"artifacts.root": str(other_root)}})
+        assert run.state.is_failed() and "served run refused: parameter overrides sets artifacts.root" in run.state.message
         assert not (tmp_path / "escaped.parquet").exists() and not other_root.exists()
         assert not (allowed / "refused.parquet").exists()
     finally:
@@ -177,6 +180,7 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server):
     assert training.work_pool_name == "tfpipe-pool" and prediction.work_pool_name == "tfpipe-pool"
     assert [s.schedule.cron for s in training.schedules] == ["0 2 * * *"]
     assert training.entrypoint == "flows/training.py:training_pipeline"
+    assert by_name["on-demand-tuning"].entrypoint == "flows/tuning.py:tuning_flow"
 
 
 def test_cli_run_prints_the_summary_blessed_or_not(prefect_server, tmp_path):

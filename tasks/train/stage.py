@@ -15,11 +15,12 @@ from tasks.artifacts import (MODEL_FILE, DatasetArtifact, ModelArtifact, Publish
                              reuse_or_publish, stage_dir)
 from tasks.cluster import barrier, lost_worker_errors, run_local_workers, worker_role
 from tasks.devices import make_strategy, resolve_precision
-from tasks.errors import PipelineError
+from tasks.errors import PipelineError, Stopped, first_line
 from tasks.export import export_formats, export_published, missing_formats
 from tasks.backbones import weights_fingerprint
 from tasks.model import RAW_PIXELS
 from tasks.storage import join
+from tasks.tracking import Tracker
 from tasks.train.checkpoints import STAGE, EpochCallback, EpochRecorder, clear_work, save_outputs, work_dir
 from tasks.train.loops import run_epochs, weights_digest
 from tasks.train.objectives import METRIC_NAMES
@@ -77,7 +78,16 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
     def build(out: str) -> dict:
         if rebuild and not cfg.train.in_cluster:  # from scratch, not from an interrupted run's checkpoint
             clear_work(cfg, fp)
-        return train_and_save(start_run(cfg, dataset, strategy, precision, fp), out, on_epoch)
+        tracker = Tracker(cfg, enabled=worker_role(strategy)[0])
+        tracker.start(fp, dataset.fingerprint)
+        try:
+            manifest = train_and_save(start_run(cfg, dataset, strategy, precision, fp), out, tracked(on_epoch, tracker))
+        except BaseException as exc:  # stopped (a signal, a pruner) or failed: the tracker says which, and why
+            stopped = isinstance(exc, (Stopped, KeyboardInterrupt)) or type(exc).__name__ == "TrialPruned"
+            tracker.end("KILLED" if stopped else "FAILED", first_line(exc))
+            raise
+        tracker.end()
+        return manifest
 
     with lost_worker_errors(cfg.train):
         published = publish_model(cfg, fp, strategy, build)
@@ -89,6 +99,15 @@ def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback
     elif worker_role(strategy)[0]:
         log.info("model published: %s", uri)
     return model_artifact(uri, manifest, published.cache_hit)
+
+
+def tracked(on_epoch: EpochCallback | None, tracker: Tracker) -> EpochCallback:
+    """The epoch hook with the tracker first: the epoch that makes a pruner stop the run is logged too."""
+    def hook(record: dict) -> None:
+        tracker.epoch(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return hook
 
 
 def publish_model(cfg: PipelineConfig, fp: str, strategy: tf.distribute.Strategy,
