@@ -52,8 +52,9 @@ def tuning_flow(config_file: str | None = None, overrides: dict[str, Any] | None
         ingest_task(cfg)
         # 2. trials: Optuna asks, Dask workers train, Optuna is told; one run of a study at a time
         with stage_lease(cfg.artifacts.root, tuning.STAGE, tuning.study_name(cfg)):
-            run_trials.with_options(task_runner=dask_runner(cfg.tune.dask_address, cfg.tune.parallel))(
-                config_file, overrides)
+            if tuning.work_left(cfg, tuning.open_study(cfg)):  # a finished study starts no cluster
+                run_trials.with_options(task_runner=dask_runner(cfg.tune.dask_address, cfg.tune.parallel))(
+                    config_file, overrides)
         study = tuning.open_study(cfg)
         record = tuning.write_study(cfg, study)
         best = tuning.best_trial(study)

@@ -172,6 +172,11 @@ def orphans(study) -> list:
     return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
+def work_left(cfg: PipelineConfig, study) -> bool:
+    """Whether a run of the study has anything to do: trials to resume, or budget left."""
+    return bool(orphans(study)) or len(started_trials(study)) < budget(cfg)
+
+
 def enqueue(cfg: PipelineConfig, study) -> None:
     for params in cfg.tune.enqueue:
         study.enqueue_trial(params, skip_if_exists=True)

@@ -283,11 +283,11 @@ def crash(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def tfpipe_process(*args: str, env: dict | None = None):
+def tfpipe_process(*args: str):
     """`tfpipe ARGS` running in a session of its own (stdout and stderr piped); crashed on leaving if still
     running, so that a failed test leaves no training behind."""
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         yield proc
     finally:
