@@ -8,7 +8,7 @@ import time
 import pyarrow.parquet as pq
 
 from tasks.cluster import free_port
-from tests.conftest import MNIST, REPO, kill_server, start_server
+from tests.conftest import MNIST, REPO, as_postgres_user, kill_server, start_server
 
 
 def test_training_flow_and_an_on_demand_deployment_on_a_postgres_backed_server(postgres, tmp_path):
