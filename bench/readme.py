@@ -68,7 +68,7 @@ def render(results_path: Path) -> str:
 def newest_full_run(accuracy: bool = False) -> Path:
     """The newest full run of python -m bench (or, with `accuracy`, of python -m bench.accuracy)."""
     results = (REPO / "bench" / "results").glob("*.json")
-    other_benches = ("-quick", "-dask", "-folders", "-export", "-transfer", "-tune")
+    other_benches = ("-quick", "-dask", "-folders", "-export", "-transfer", "-tune", "-validate")
     runs = sorted(p for p in results if p.stem.endswith("-accuracy") == accuracy and not p.stem.endswith(other_benches))
     if not runs:
         raise SystemExit(f"no full bench run in bench/results/: run python -m bench{'.accuracy' if accuracy else ''} first")

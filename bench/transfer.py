@@ -13,7 +13,6 @@ bench/results/<date>-<host>-transfer.json.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import REPO, in_fresh_process
+from bench import REPO, answer_measure, bench_parser, in_fresh_process
 from bench.accuracy import flow_run
 
 RESULTS = REPO / "bench" / "results"
@@ -86,14 +85,12 @@ def bare(args: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=2, help="per phase")
     parser.add_argument("--skip-preset", action="store_true", help="leave out the preset's full run")
-    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure:
-        print(json.dumps({"stage": stage, "bare": bare}[args.measure[0]](json.loads(args.measure[1]))))
+    if answer_measure(args.measure, {"stage": stage, "bare": bare}):
         return
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="tfpipe-bench-transfer-"))

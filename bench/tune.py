@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from bench import REPO, in_fresh_process
+from bench import REPO, answer_measure, bench_parser, in_fresh_process
 
 RESULTS = REPO / "bench" / "results"
 BATCH_SIZES = [64, 128, 256]
@@ -109,14 +109,12 @@ def prefect_server(work: Path) -> tuple[subprocess.Popen, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--train-images", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure:
-        print(json.dumps({"keras_tuner": keras_tuner}[args.measure[0]](json.loads(args.measure[1]))))
+    if answer_measure(args.measure, {"keras_tuner": keras_tuner}):
         return
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="tfpipe-bench-tune-"))

@@ -30,7 +30,7 @@ ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML f
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: --set train.epochs=2 (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage's artifact reference as JSON on stdout.")]
 RerunOpt = Annotated[Optional[str], typer.Option(
-    "--rerun", metavar="STAGE", help="Rebuild STAGE (ingest, train, evaluate, predict, all) and the stages after it, "
+    "--rerun", metavar="STAGE", help="Rebuild STAGE (ingest, validate, train, evaluate, predict, all) and the stages after it, "
     "even when published.")]
 
 
@@ -101,6 +101,24 @@ def ingest(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = Fal
 
 
 @app.command()
+def validate(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False, rerun: RerunOpt = None) -> None:
+    """Ingest (cached), then check the dataset's statistics against the schema and the champion's data."""
+    cfg = _setup(config, set, rerun)
+
+    def body():
+        from tasks.validate import validate as run_validate
+
+        return run_validate(cfg, _ingest(cfg))
+
+    validation = _guarded(body)
+    _emit(validation, json_out, "\n".join([
+        f"dataset {validation.dataset_fingerprint[:12]}: {len(validation.anomalies)} anomalies "
+        f"(schema {validation.schema_source})",
+        *[f"  {a['kind']} ({a['action']}): {a['message']}" for a in validation.anomalies],
+        f"report: {validation.uri}/{validation.report_path}"]))
+
+
+@app.command()
 def train(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False, rerun: RerunOpt = None) -> None:
     """Ingest (cached), then build and train the model; resumes an interrupted run."""
     cfg = _setup(config, set, rerun)
@@ -153,10 +171,17 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
                 config_file=config, overrides=_overrides_dict(set), overwrite=overwrite))
         typer.echo(json.dumps(manifest, indent=2) if json_out else
                    f"{manifest['rows']} predictions by model {manifest['model_fingerprint'][:12]} in "
-                   f"{len(manifest['parts'])} parts under {output}")
+                   f"{len(manifest['parts'])} parts under {output}{_drift_note(manifest.get('drift'))}")
         return
     result = _guarded(body)
-    _emit(result, json_out, f"{result.rows} predictions by model {result.model_fingerprint[:12]} in {result.output}")
+    _emit(result, json_out, f"{result.rows} predictions by model {result.model_fingerprint[:12]} in {result.output}"
+                            f"{_drift_note(result.drift, result.drift_path)}")
+
+
+def _drift_note(drift: bool | None, path: str | None = None) -> str:
+    if drift is None:
+        return ""
+    return f"; drift: {'YES' if drift else 'none'}" + (f" ({path})" if path else "")
 
 
 @app.command()

@@ -12,10 +12,11 @@ from flows import dashboard
 from flows.dask_cluster import dask_runner, threads_per_worker
 from flows.retry import retry_transient
 from pipeline_config import PipelineConfig, load_config
-from tasks import parts
+from tasks import parts, storage
 from tasks.artifacts import PredictionArtifact
 from tasks.errors import PipelineError
 from tasks.policy import served_call
+from tasks.drift import drift_path
 
 
 @task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -50,9 +51,10 @@ def batch_prediction(model: str = "champion", input: str = "data/mnist/test.parq
             return _on_dask(cfg, config_file, overrides, model, input, output, allow_unblessed, overwrite)
         artifact = batch_predict_task(config_file, overrides, model, input, output, allow_unblessed, overwrite)
         get_run_logger().info("wrote %d predictions to %s", artifact.rows, artifact.output)
-        dashboard.markdown("batch-prediction", description="latest on-demand batch prediction", text=(
-            f"# Batch prediction\n- model `{artifact.model_fingerprint[:12]}`\n- input `{artifact.input}`\n"
-            f"- output `{artifact.output}`: {artifact.rows} rows, sha256 `{artifact.sha256[:16]}`\n"))
+        dashboard.markdown("batch-prediction", description="latest on-demand batch prediction", text="\n".join([
+            "# Batch prediction", f"- model `{artifact.model_fingerprint[:12]}`", f"- input `{artifact.input}`",
+            f"- output `{artifact.output}`: {artifact.rows} rows, sha256 `{artifact.sha256[:16]}`",
+            *drift_lines(artifact.drift_path)]))
         return artifact
     finally:
         dashboard.drain()
@@ -70,6 +72,18 @@ def _on_dask(cfg: PipelineConfig, config_file, overrides, model: str, input: str
                                                         threads_per_worker(workers), overwrite)
 
 
+def drift_lines(path: str | None) -> list[str]:
+    """The drift report as dashboard lines: the verdict, then a row per figure with its thresholds."""
+    if path is None:
+        return []
+    report = storage.read_json(path)
+    rows = [f"| {name} | {f['js_distance']:.3f} (max {f['max_js_distance']}) | {f['psi']:.3f} (max {f['max_psi']}) | "
+            f"{'DRIFT' if f['drift'] else 'ok'} |" for name, f in report["figures"].items() if "js_distance" in f]
+    verdict = "**drift**" if report["drift"] else "no drift"
+    return ["", f"## Inputs against the model's data: {verdict} ({report['images']} images, `{path}`)", "",
+            "| figure | Jensen-Shannon distance | PSI | |", "| --- | --- | --- | --- |", *rows]
+
+
 @flow(name="batch-prediction-dask")
 def score_files(config_file: str | None, overrides: dict[str, Any] | None, model_fingerprint: str, files: list[str],
                 output_dir: str, threads: int, overwrite: bool = False) -> dict:
@@ -83,12 +97,13 @@ def score_files(config_file: str | None, overrides: dict[str, Any] | None, model
             done.append(future.result())
         else:
             failures.append({"input": input_file, "error": (future.state.message or "failed").splitlines()[0]})
-    manifest = parts.write_manifest(output_dir, model_fingerprint, done, failures, cfg.predict.allow_partial)
+    manifest = parts.write_manifest(cfg, output_dir, model_fingerprint, done, failures)
     scored = sum(not p["skipped"] for p in done)
     dashboard.markdown("batch-prediction", description="latest batch prediction on Dask", text="\n".join([
         "# Batch prediction (Dask)", f"- model `{model_fingerprint[:12]}`", f"- output `{output_dir}`",
         f"- {len(done)} of {len(files)} parts ({scored} scored now, {len(done) - scored} already there), "
-        f"{sum(p['rows'] for p in done)} rows", *[f"- FAILED `{f['input']}`: {f['error']}" for f in failures]]))
+        f"{sum(p['rows'] for p in done)} rows", *[f"- FAILED `{f['input']}`: {f['error']}" for f in failures],
+        *drift_lines(drift_path(output_dir) if manifest and manifest.get("drift") is not None else None)]))
     if failures and manifest is None:
         raise PipelineError(f"{len(failures)} of {len(files)} input files failed ({', '.join(f['input'] for f in failures)}"
                             f"): the other parts are written; fix or remove the failed files and run again (only the "

@@ -17,10 +17,12 @@ from pipeline_config import PipelineConfig
 from tasks import evaluate as evaluate_stage
 from tasks import predict as predict_stage
 from tasks import train as train_stage
+from tasks import validate as validate_stage
 from tasks import storage
 from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names
 from tasks.model_card import CARD_MD
 from tasks.storage import join
+from tasks.validate import ValidationArtifact
 from tasks.worker import ingest_for
 
 
@@ -45,6 +47,37 @@ def ingest_task(cfg: PipelineConfig) -> DatasetArtifact:
     return _finish(dataset, "ingest")
 
 
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_task(cfg: PipelineConfig, dataset: DatasetArtifact) -> ValidationArtifact:
+    """The dataset's statistics against the schema and the champion's data: a table per split and one of the
+    anomalies on the dashboard; fails on the anomalies validate.on_anomaly says fail."""
+    validation = validate_stage.validate(cfg, dataset)
+    report = storage.read_json(join(validation.uri, validation.report_path))
+    dashboard.table("data-statistics", description="the dataset's statistics per split", rows=[
+        {"split": split, "images": s["count"], "brightness mean": round(s["brightness_mean"], 2),
+         "channel mean": ", ".join(f"{v:.1f}" for v in s["channel_mean"]), "near-blank": s["blank_images"],
+         "duplicates": s["duplicate_images"], **{f"in {pair}": n for pair, n in report["leakage"].items()
+                                                  if pair.startswith(split + "/")}}
+        for split, s in report["statistics"].items()])
+    dashboard.markdown("data-validation", description="data anomalies", text="\n".join([
+        f"# Data validation of `{dataset.fingerprint[:12]}`", f"- schema: {validation.schema_source}",
+        f"- compared with: `{(validation.reference_fingerprint or 'nothing (no champion on other data)')[:12]}`",
+        f"- brightness per split, dark to bright ([plot]({join(validation.uri, validation.plot_path)})):",
+        *[f"  - {split}: `{sparkline(s['brightness_histogram'])}`" for split, s in report["statistics"].items()],
+        *(["- source image sizes (longer side): " + ", ".join(f"{k} {v}" for k, v in report["source_sizes"].items())]
+          if report.get("source_sizes") else []),
+        "", "| kind | anomaly | action |", "| --- | --- | --- |",
+        *[f"| {a['kind']} | {a['message']} | {a['action']} |" for a in validation.anomalies]]
+        + ([] if validation.anomalies else ["| | none | |"])))
+    return _finish(validation, "validate")
+
+
+def sparkline(histogram: list[int]) -> str:
+    """A histogram as a line of block characters: a plot the dashboard's markdown shows inline."""
+    top = max(max(histogram), 1)
+    return "".join(" ▁▂▃▄▅▆▇█"[round(8 * n / top)] for n in histogram)
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig, dataset: DatasetArtifact) -> ModelArtifact:
     """Train under the configured strategy. Not retried here: an interrupted run resumes on the next flow run.
@@ -65,9 +98,10 @@ def history_row(epoch: dict) -> dict:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact) -> EvaluationArtifact:
+def evaluate_task(cfg: PipelineConfig, dataset: DatasetArtifact, model: ModelArtifact,
+                  validation: ValidationArtifact | None = None) -> EvaluationArtifact:
     """Test-split metrics and the promotion gate; publishes metric and confusion-matrix tables."""
-    evaluation = evaluate_stage.evaluate(cfg, dataset, model)
+    evaluation = evaluate_stage.evaluate(cfg, dataset, model, validation.anomalies if validation else None)
     metrics = evaluation.metrics
     dashboard.table("evaluation-metrics", description="test-split metrics and gate checks", rows=[
         {"metric": k, "value": round(metrics[k], 6)} for k in ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1")
@@ -99,7 +133,7 @@ def predict_task(cfg: PipelineConfig, dataset: DatasetArtifact, evaluation: Eval
 
 
 def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: EvaluationArtifact,
-                    prediction: PredictionArtifact | None) -> str:
+                    prediction: PredictionArtifact | None, validation: ValidationArtifact | None = None) -> str:
     m = evaluation.metrics
     last = model.final_metrics
     lines = [
@@ -108,6 +142,9 @@ def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: 
         f"- source: `{dataset.source}`; fingerprint `{dataset.fingerprint[:12]}`{' (cache hit)' if dataset.cache_hit else ''}",
         f"- images {dataset.image_shape}, {dataset.num_classes} classes; "
         + ", ".join(f"{split} {count}" for split, count in dataset.counts.items()),
+        *([f"- validation: {len(validation.anomalies)} anomalies"
+           + "".join(f"; {a['kind']} ({a['action']}): {a['message']}" for a in validation.anomalies)
+           + f" ([report]({join(validation.uri, validation.report_path)}))"] if validation else []),
         "## Model",
         f"- fingerprint `{model.fingerprint[:12]}`{' (cache hit)' if model.cache_hit else ''}; mode `{model.mode}`, "
         f"loss `{model.loss}`, {model.epochs} epochs",
@@ -140,8 +177,8 @@ def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(dataset: DatasetArtifact, model: ModelArtifact, evaluation: EvaluationArtifact,
-                prediction: PredictionArtifact | None) -> str:
+                prediction: PredictionArtifact | None, validation: ValidationArtifact | None = None) -> str:
     """The run report on the Artifacts page."""
-    markdown = report_markdown(dataset, model, evaluation, prediction)
+    markdown = report_markdown(dataset, model, evaluation, prediction, validation)
     dashboard.markdown("training-report", markdown, description="tfpipe training run report")
     return markdown

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows import dashboard
-from flows.stages import evaluate_task, ingest_task, predict_task, report_task, resolved, train_task
+from flows.stages import evaluate_task, ingest_task, predict_task, report_task, resolved, train_task, validate_task
 from pipeline_config import PipelineConfig, load_config
 from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact
 from tasks.cluster import cluster_from_env
@@ -44,9 +44,11 @@ def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] 
 
 
 def _stages(cfg: PipelineConfig, started: float) -> RunSummary:
-    # 1. ingest: the source becomes a verified, content-addressed TFRecord cache.
+    # 1. ingest: the source becomes a verified, content-addressed TFRecord cache (and its statistics).
     dataset = ingest_task(cfg)
-    # 2-3. model + train: build the configured CNN and train it under the distribution strategy.
+    # 2. validate: the statistics against the schema and the champion's data; leakage stops the run here.
+    validation = validate_task(cfg, dataset)
+    # 3. model + train: build the configured CNN and train it under the distribution strategy.
     model = train_task(cfg, dataset)
     # Under multi_worker every worker trains; the chief alone evaluates, predicts and reports.
     if cfg.train.in_cluster and cluster_from_env()[0] != 0:
@@ -54,11 +56,11 @@ def _stages(cfg: PipelineConfig, started: float) -> RunSummary:
         return RunSummary(dataset=resolved(dataset), model=resolved(model), evaluation=None, prediction=None,
                           seconds=time.perf_counter() - started)
     # 4. evaluate: test-split metrics and the promotion gate; a blessed model becomes the champion.
-    evaluation = evaluate_task(cfg, dataset, model)
+    evaluation = evaluate_task(cfg, dataset, model, validation)
     # 5. predict: batch predictions from the champion, streamed to Parquet.
     prediction = predict_task(cfg, dataset, evaluation)
     # The run report on the dashboard's Artifacts page.
-    report_task(dataset, model, evaluation, prediction)
+    report_task(dataset, model, evaluation, prediction, validation)
 
     return RunSummary(dataset=resolved(dataset), model=resolved(model), evaluation=evaluation,
                       prediction=resolved(prediction), seconds=time.perf_counter() - started)

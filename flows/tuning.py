@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from flows import dashboard
 from flows.dask_cluster import dask_runner, threads_per_worker
-from flows.stages import evaluate_task, ingest_task, resolved
+from flows.stages import evaluate_task, ingest_task, resolved, validate_task
 from pipeline_config import PipelineConfig, load_config
 from tasks import tuning
 from tasks.artifacts import EvaluationArtifact, ModelArtifact, find_published, stage_dir
@@ -48,8 +48,8 @@ def tuning_flow(config_file: str | None = None, overrides: dict[str, Any] | None
     configure_devices(cfg.train)
     check_model_config(cfg)
     try:
-        # 1. ingest: one cache for every trial (a trial that changes data.* ingests its own)
-        ingest_task(cfg)
+        # 1. ingest and validate: one cache for every trial (a trial that changes data.* ingests its own)
+        validation = validate_task(cfg, ingest_task(cfg))
         # 2. trials: Optuna asks, Dask workers train, Optuna is told; one run of a study at a time
         with stage_lease(cfg.artifacts.root, tuning.STAGE, tuning.study_name(cfg)):
             if tuning.work_left(cfg, tuning.open_study(cfg)):  # a finished study starts no cluster
@@ -64,7 +64,7 @@ def tuning_flow(config_file: str | None = None, overrides: dict[str, Any] | None
         # 3. evaluate: the best trial's model through the normal gate (promoted only if the gate says so)
         best_cfg = load_config(config_file, tuning.trial_overrides(overrides, best.params, exports=True))
         model = export_task(best_cfg, best.user_attrs["model_fingerprint"])
-        evaluation = evaluate_task(best_cfg, resolved(ingest_task(best_cfg)), model)
+        evaluation = evaluate_task(best_cfg, resolved(ingest_task(best_cfg)), model, validation)
         # 4. the best config as a preset, and the study on the dashboard
         preset = tuning.write_best_preset(cfg, config_file, overrides, best, evaluation.metrics["accuracy"],
                                           evaluation.blessed)

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -326,10 +327,39 @@ class TrainConfig(Section):
         return self
 
 
+ANOMALY_KINDS = ("leakage", "schema", "drift", "duplicates", "blank")
+# The validate section and its schema key shadow pydantic's deprecated v1 classmethods of those names (nothing here
+# calls them): the names users read in the docs win over a warning at every start.
+warnings.filterwarnings("ignore", message=r'Field name "(schema|validate)" in "(ValidateConfig|PipelineConfig)" shadows',
+                        category=UserWarning)
+
+
+class ValidateConfig(Section):
+    """The validate stage: the dataset's statistics (computed at ingest) against a schema and the champion's data."""
+    schema: str | None = Field(None, description="a schema YAML (edit the schema.yaml a validation wrote); null: "
+                               "inferred from the champion's dataset, or from this one when there is no champion")
+    on_anomaly: dict[Literal[ANOMALY_KINDS], Literal["fail", "warn"]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: {"leakage": "fail", "schema": "warn", "drift": "warn", "duplicates": "warn",
+                                 "blank": "warn"}, description="per kind of anomaly: fail the stage, or warn")
+    max_js_distance: float = Field(0.1, ge=0, le=1, description="drift: Jensen-Shannon distance of class "
+                                   "proportions and image-statistic histograms from the champion's data")
+    max_psi: float = Field(0.25, ge=0, description="drift: population stability index of the same histograms")
+    max_duplicate_fraction: float = Field(0.01, ge=0, le=1, description="exact duplicates within a split")
+    max_blank_fraction: float = Field(0.01, ge=0, le=1, description="near-blank images in a split")
+
+    @field_validator("on_anomaly")
+    @classmethod
+    def _every_kind(cls, value: dict) -> dict:
+        defaults = {"leakage": "fail", "schema": "warn", "drift": "warn", "duplicates": "warn", "blank": "warn"}
+        return {**defaults, **value}
+
+
 class EvaluateConfig(Section):
     min_accuracy: float = Field(0.9, ge=0, le=1)
     min_macro_f1: float = Field(0.0, ge=0, le=1)
     max_regression: float = Field(0.005, ge=0, le=1, description="how much lower the challenger's accuracy may be")
+    block_on_anomalies: bool = Field(False, description="refuse a model whose training data had anomalies "
+                                     "(validate.on_anomaly: warn)")
     batch_size: int = Field(1024, ge=1)
 
 
@@ -359,6 +389,12 @@ class PredictConfig(Section):
     dask_address: str | None = Field(None, description="an existing scheduler (tcp://host:8786); unset: a LocalCluster")
     dask_workers: int | None = Field(None, ge=1, description="LocalCluster worker processes (default: the CPU count)")
     allow_partial: bool = Field(False, description="dask: write the manifest even when some input files failed")
+    on_drift: Literal["warn", "fail"] = Field("warn", description="inputs unlike the model's data: warn, or fail "
+                                              "and publish nothing")
+    drift_max_js_distance: float = Field(0.15, ge=0, le=1, description="drift: Jensen-Shannon distance of a "
+                                         "figure's histogram from the model's data")
+    drift_max_psi: float = Field(0.5, ge=0, description="drift: population stability index of the same")
+    drift_min_images: int = Field(200, ge=1, description="fewer input images than this: drift is not judged")
 
 
 class ArtifactsConfig(Section):
@@ -437,7 +473,7 @@ class SearchDimension(Section):
 
 
 # keys a trial may not change: where results go, what the study is, and the stages after training
-_NOT_TUNABLE = ("tune.", "tracking.", "artifacts.", "rerun", "evaluate.", "predict.", "schedule.", "serve.",
+_NOT_TUNABLE = ("tune.", "tracking.", "artifacts.", "rerun", "validate.", "evaluate.", "predict.", "schedule.", "serve.",
                 "train.strategy", "train.local_workers")
 _METRICS = ("loss", "accuracy", "precision", "recall")
 
@@ -499,15 +535,16 @@ class TrackingConfig(Section):
     experiment: str = Field("tfpipe", description="the MLflow experiment the runs go to")
 
 
-STAGES = ("ingest", "train", "evaluate", "predict")
+STAGES = ("ingest", "validate", "train", "evaluate", "predict")
 
 
 class PipelineConfig(Section):
-    rerun: Literal["none", "ingest", "train", "evaluate", "predict", "all"] = Field(
+    rerun: Literal["none", "ingest", "validate", "train", "evaluate", "predict", "all"] = Field(
         "none", description="rebuild this stage and every stage after it even when its output is published")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    validate: ValidateConfig = Field(default_factory=ValidateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)

@@ -347,6 +347,8 @@ class PredictionArtifact(BaseModel):
     seconds: float
     uri: str | None = None  # the store directory, for the pipeline's own batch predictions
     cache_hit: bool = False
+    drift: bool | None = None  # inputs unlike the model's data (tasks/drift.py); None: too few images to judge
+    drift_path: str | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -20,6 +20,7 @@ from tasks.artifacts import (DatasetArtifact, EvaluationArtifact, GateReason, Mo
 from tasks.champion import current_champion, promote, resolve_model
 from tasks.errors import PipelineError
 from tasks.model import class_probabilities, load_model, model_input
+from tasks.drift import confidence_histogram
 from tasks.model_card import write_model_card
 from tasks.tracking import log_evaluation
 from tasks.storage import join
@@ -84,10 +85,13 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, label_names: l
         "per_class": [{"class": i, "name": names[i], "precision": float(precision[i]), "recall": float(recall[i]),
                        "f1": float(f1[i]), "support": int(support[i])} for i in range(num_classes)],
         "confusion_matrix": matrix.tolist(),
+        "confidence_histogram": confidence_histogram(probs.max(axis=1)).tolist(),  # prediction's drift reference
     }
 
 
-def gate(metrics: dict, cfg: EvaluateConfig, champion_accuracy: float | None) -> tuple[bool, list[GateReason]]:
+def gate(metrics: dict, cfg: EvaluateConfig, champion_accuracy: float | None,
+         anomalies: int | None = None) -> tuple[bool, list[GateReason]]:
+    """`anomalies`: the training data's (warned) anomalies, counted when evaluate.block_on_anomalies."""
     reasons = [
         GateReason(check="min_accuracy", metric="accuracy", threshold=cfg.min_accuracy, observed=metrics["accuracy"],
                    passed=metrics["accuracy"] >= cfg.min_accuracy),
@@ -98,6 +102,9 @@ def gate(metrics: dict, cfg: EvaluateConfig, champion_accuracy: float | None) ->
         floor = champion_accuracy - cfg.max_regression
         reasons.append(GateReason(check="max_regression", metric="accuracy", threshold=floor,
                                   observed=metrics["accuracy"], passed=metrics["accuracy"] >= floor - 1e-12))
+    if cfg.block_on_anomalies and anomalies is not None:
+        reasons.append(GateReason(check="block_on_anomalies", metric="data anomalies", threshold=0,
+                                  observed=anomalies, passed=anomalies == 0))
     return all(r.passed for r in reasons), reasons
 
 
@@ -161,14 +168,18 @@ def plot_training_curves(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: ModelArtifact) -> EvaluationArtifact:
-    """Metrics on the test split, the gate decision, and the champion pointer moved if blessed."""
+def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: ModelArtifact,
+             anomalies: list[dict] | None = None) -> EvaluationArtifact:
+    """Metrics on the test split, the gate decision, and the champion pointer moved if blessed. `anomalies`: the
+    validate stage's, for evaluate.block_on_anomalies (None: the data was not validated)."""
     root = cfg.artifacts.root
     champion = current_champion(root) or {}
+    counted = len(anomalies) if anomalies is not None and cfg.evaluate.block_on_anomalies else None
     fp = fingerprint({"model": model_artifact.fingerprint, "dataset": dataset.fingerprint,
-                      "evaluate": cfg.evaluate.model_dump(mode="json"), "champion": champion.get("model_fingerprint"),
-                      "code": EVAL_CODE_VERSION})
-    published = reuse_or_publish(root, STAGE, fp, lambda out: measure(cfg, dataset, model_artifact, champion, out),
+                      "evaluate": cfg.evaluate.model_dump(mode="json", exclude=set() if counted is not None else
+                                                          {"block_on_anomalies"}), "champion": champion.get("model_fingerprint"),
+                      "code": EVAL_CODE_VERSION, **({"anomalies": counted} if counted is not None else {})})
+    published = reuse_or_publish(root, STAGE, fp, lambda out: measure(cfg, dataset, model_artifact, champion, out, counted),
                                  rebuild=cfg.rebuilds(STAGE))
     manifest = published.manifest
     if published.cache_hit:
@@ -193,7 +204,7 @@ def evaluate(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Mode
 
 
 def measure(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: ModelArtifact, champion: dict,
-            out: str) -> dict:
+            out: str, anomalies: int | None = None) -> dict:
     """Test-split metrics, the gate against `champion`, metrics.json and the plots in `out`; the manifest body."""
     started = time.perf_counter()
     cache_dir = cfg.artifacts.local_cache
@@ -203,7 +214,7 @@ def measure(cfg: PipelineConfig, dataset: DatasetArtifact, model_artifact: Model
     probs, labels = predict_split(model, dataset, "test", cfg.evaluate.batch_size)
     metrics = classification_metrics(labels, probs, dataset.label_names)
     champion_accuracy, compared = _champion_accuracy(cfg, champion, dataset, model_artifact.fingerprint)
-    blessed, reasons = gate(metrics, cfg.evaluate, champion_accuracy)
+    blessed, reasons = gate(metrics, cfg.evaluate, champion_accuracy, anomalies)
     history = storage.read_json(join(model_artifact.uri, model_artifact.history_path))["epochs"]
     storage.write_json(join(out, "metrics.json"), metrics)
     names = class_names(dataset.label_names, len(metrics["confusion_matrix"]))

@@ -31,11 +31,14 @@ from tasks.errors import CorruptArtifact, PipelineError
 from tasks.progress import progress_bar
 from tasks.sources import SPLITS, expected_shape, open_source, source_hash
 from tasks.splits import below, row_hashes
+from tasks.statistics import ImageStatistics, leakage
 from tasks.streams import Batch
 
 log = logging.getLogger("tfpipe.ingest")
 
-INGEST_CODE_VERSION = "3"  # 3: streamed in row batches, validation split by hash, records dealt round-robin
+INGEST_CODE_VERSION = "4"  # 3: streamed in row batches, validation split by hash, records dealt round-robin;
+# 4: statistics.json (tasks/statistics.py), computed in the same pass
+STATISTICS_FILE = "statistics.json"
 STAGE = "ingest"
 # Keys of `data` that change what is written. The reader-only key (shuffle_buffer) and the batch size do not.
 INGEST_KEYS = ("source", "validation_fraction", "shards", "seed", "image_column", "label_column", "image_shape",
@@ -104,7 +107,7 @@ def _writer_pool() -> ThreadPoolExecutor:
 
 
 class ShardSet:
-    """The TFRecord shards of one split, written as batches arrive; counts and the class histogram are kept on
+    """The TFRecord shards of one split, written as batches arrive; counts and the statistics are kept on
     the way. A shard that no record lands in is not created."""
 
     def __init__(self, directory: str, split: str, shards: int, image_nbytes: int, encoding: str = "raw"):
@@ -113,7 +116,7 @@ class ShardSet:
         self.nbytes = image_nbytes
         self.writers: dict[int, object] = {}
         self.counts = np.zeros(shards, np.int64)
-        self.histogram = np.zeros(0, np.int64)
+        self.statistics = ImageStatistics()  # in the same pass: the batch is in memory already
 
     def name(self, shard: int) -> str:
         return f"{self.split}-{shard:05d}-of-{self.shards:05d}.tfrecord"
@@ -130,9 +133,7 @@ class ShardSet:
                 self.writers[shard] = tf.io.TFRecordWriter(join(self.directory, self.name(shard)))
             groups.append((shard, np.flatnonzero(shard_of_row == shard).tolist()))
         list(_writer_pool().map(lambda group: self._append(*group, pixels, images, label_list), groups))
-        counts = np.bincount(labels, minlength=len(self.histogram))
-        counts[: len(self.histogram)] += self.histogram
-        self.histogram = counts
+        self.statistics.update(images, labels)
 
     def _append(self, shard: int, rows: list[int], pixels: bytes, images: np.ndarray, labels: list[int]) -> None:
         writer, encode, nb = self.writers[shard], self.encoder.encode, self.nbytes
@@ -149,9 +150,8 @@ class ShardSet:
             writer.close()
         shards = [{"file": self.name(i), "count": int(self.counts[i]), "sha256": storage.sha256(join(self.directory, self.name(i)))}
                   for i in sorted(self.writers)]
-        histogram = np.zeros(num_classes, np.int64)
-        histogram[: len(self.histogram)] = self.histogram
-        return {"count": int(self.counts.sum()), "shards": shards, "class_histogram": histogram.tolist()}
+        histogram = self.statistics.summary(num_classes)["class_histogram"]
+        return {"count": int(self.counts.sum()), "shards": shards, "class_histogram": histogram}
 
 
 class CacheWriter:
@@ -199,12 +199,15 @@ class CacheWriter:
         """Close the shards; the splits' part of the manifest. Every split must hold a row."""
         if not self.splits:
             raise PipelineError(f"{self.cfg.source}: the train split is empty: it needs at least one example")
-        highest = max((len(s.histogram) for s in self.splits.values()), default=0) - 1
+        highest = max((len(s.statistics.classes) for s in self.splits.values()), default=0) - 1
         if label_names is not None and highest >= len(label_names):
             raise PipelineError(f"{self.cfg.source}: label {highest} but only {len(label_names)} label names: fix the "
                                 "labels or the label_names metadata")
         num_classes = len(label_names) if label_names else highest + 1
         info = {name: split.close(num_classes) for name, split in self.splits.items()}
+        stats = {name: split.statistics for name, split in self.splits.items()}
+        storage.write_json(join(self.directory, STATISTICS_FILE), {
+            "splits": {name: s.summary(num_classes) for name, s in stats.items()}, "leakage": leakage(stats)})
         for name, split in info.items():
             if split["count"] == 0:
                 hint = (f"{info['train']['count']} training rows at data.validation_fraction="
@@ -268,7 +271,7 @@ def write_cache(cfg: DataConfig, src_hash: str, hash_method: str, out: str) -> d
             raise PipelineError(f"{cfg.source}: the test split is empty: it needs at least one example")
     body = cache.finish(source.label_names)
     train, val = body["splits"]["train"]["count"], body["splits"]["validation"]["count"]
-    return {**body, "source": source.description, "source_hash": src_hash, "source_hash_method": hash_method,
+    return {**body, "statistics_path": STATISTICS_FILE, "source": source.description, "source_hash": src_hash, "source_hash_method": hash_method,
             "dtype": "uint8", "encoding": cfg.cache_encoding, "label_names": source.label_names,
             "validation_split": {"method": f"hash of column {source.split_key}" if source.split_key else "hash of row index",
                                  "seed": cfg.seed, "fraction": cfg.validation_fraction,

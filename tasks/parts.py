@@ -87,12 +87,12 @@ def predict_part(cfg: PipelineConfig, model_fingerprint: str, input_file: str, o
                 "sha256": storage.sha256(part), "model_fingerprint": model_fingerprint, "skipped": True}
     predictor = _predictor(cfg, model_fingerprint)
     try:
-        rows, digest = predict_into(cfg, predictor, input_file, part, {"input_hash": input_hash})
+        rows, digest, seen = predict_into(cfg, predictor, input_file, part, {"input_hash": input_hash}, judge_drift=False)
     except PipelineError as exc:
         raise PipelineError(f"{input_file}: {exc}") from None
     log.info("scored %s: %d rows into %s", input_file, rows, part)
     return {"input": input_file, "input_hash": input_hash, "part": part_name(input_file), "rows": rows,
-            "sha256": digest, "model_fingerprint": model_fingerprint, "skipped": False,
+            "sha256": digest, "model_fingerprint": model_fingerprint, "skipped": False, "seen": seen,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "worker_peak_rss_mb": _peak_rss_mb()}
 
 
@@ -127,14 +127,18 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     `overwrite`; a directory holding files tfpipe did not write is refused. An unfinished one of ours is resumed:
     that includes a finished one that lost parts since (deleted, a lifecycle rule), whose manifest no longer holds:
     scoring the missing parts replaces nothing."""
+    from tasks.drift import DIRECTORY_REPORT
     from tasks.predict import written_by_tfpipe
 
     present = storage.files_under(output_dir)
-    foreign = [n for n in present if n != PARTS_MANIFEST and not (n.startswith("part-") and written_by_tfpipe(join(output_dir, n)))]
+    foreign = [n for n in present if n not in (PARTS_MANIFEST, DIRECTORY_REPORT)
+               and not (n.startswith("part-") and written_by_tfpipe(join(output_dir, n)))]
     if foreign:
         raise PipelineError(f"--output {output_dir} holds files tfpipe did not write ({', '.join(sorted(foreign)[:3])}): "
                             "they are left as they are; choose an empty or new output directory")
     if PARTS_MANIFEST not in present:
+        if DIRECTORY_REPORT in present:  # an earlier run's, which wrote no manifest after it
+            storage.remove(join(output_dir, DIRECTORY_REPORT))
         return
     listed = [p["part"] for p in storage.read_json(join(output_dir, PARTS_MANIFEST)).get("parts", [])]
     lost = [name for name in listed if name not in present]
@@ -143,16 +147,29 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     if lost and not overwrite:
         log.warning("%s lost %d of the %d parts its manifest lists (%s): scoring the missing ones", output_dir,
                     len(lost), len(listed), ", ".join(sorted(lost)[:3]))
-    storage.remove(join(output_dir, PARTS_MANIFEST))  # not a finished output until the new one is written, last
+    for name in (PARTS_MANIFEST, DIRECTORY_REPORT):  # not a finished output until the new ones are written
+        storage.remove(join(output_dir, name))
 
 
-def write_manifest(output_dir: str, model_fingerprint: str, parts: list[dict], failures: list[dict],
-                   allow_partial: bool) -> dict | None:
-    """`_manifest.json`, last, when every part exists (or, with allow_partial, listing the failures)."""
-    if failures and not allow_partial:
+def write_manifest(cfg: PipelineConfig, output_dir: str, model_fingerprint: str, parts: list[dict],
+                   failures: list[dict]) -> dict | None:
+    """drift.json, then `_manifest.json` last, when every part exists (or, with predict.allow_partial, listing the
+    failures). The drift report merges what the parts scored now saw (a part kept from an earlier run is not in
+    it); with predict.on_drift=fail and drift, no manifest is written."""
+    from tasks.drift import check_drift, drift_path, drift_report, merged
+
+    if failures and not cfg.predict.allow_partial:
         return None
+    seen = [p.pop("seen") for p in parts if "seen" in p]
+    report = None
+    if seen:
+        _, model_manifest = resolve_model(cfg.artifacts.root, model_fingerprint)
+        report = drift_report(cfg, model_manifest, merged(seen))
+        check_drift(cfg, report, output_dir)
+        storage.write_json(drift_path(output_dir), report)
     manifest = {"model_fingerprint": model_fingerprint, "parts": sorted(parts, key=lambda p: p["part"]),
-                "failures": failures, "rows": sum(p["rows"] for p in parts), "complete": not failures}
+                "failures": failures, "rows": sum(p["rows"] for p in parts), "complete": not failures,
+                "drift": report["drift"] if report and report["judged"] else None}
     storage.write_json(join(output_dir, PARTS_MANIFEST), manifest)
     return manifest
 

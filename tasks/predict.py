@@ -29,6 +29,7 @@ from tasks.artifacts import CACHE_PREFIX, DatasetArtifact, PredictionArtifact, l
 from tasks.champion import require_blessed, resolve_model
 from tasks.decoding import ImageFormat
 from tasks.devices import resolve_precision
+from tasks.drift import InputWatch, check_drift, drift_path, drift_report
 from tasks.errors import PipelineError
 from tasks.images import parquet_files
 from tasks.lease import pid_alive
@@ -106,11 +107,12 @@ def predict(cfg: PipelineConfig, model_ref: str, input_path: str, output: str,
     check_output_free(output, overwrite)
     allow = cfg.predict.allow_unblessed if allow_unblessed is None else allow_unblessed
     predictor = load_predictor(cfg, model_ref, allow)
-    rows, digest = predict_into(cfg, predictor, input_path, output)
+    rows, digest, report = predict_into(cfg, predictor, input_path, output)
     seconds = time.perf_counter() - started
     log.info("predicted %d rows with model %s into %s in %.1fs", rows, predictor.fingerprint[:12], output, seconds)
     return PredictionArtifact(output=output, rows=rows, sha256=digest, model_fingerprint=predictor.fingerprint,
-                              input=input_path, seconds=seconds)
+                              input=input_path, seconds=seconds, drift=report["drift"] if report["judged"] else None,
+                              drift_path=drift_path(output))
 
 
 WRITTEN_BY = {"written_by": "tfpipe"}  # in every prediction file's Parquet schema metadata
@@ -140,9 +142,9 @@ def check_output_free(output: str, overwrite: bool) -> None:
 
 
 def predict_into(cfg: PipelineConfig, predictor: Predictor, input_path: str, output: str,
-                 extra_metadata: dict | None = None) -> tuple[int, str]:
+                 extra_metadata: dict | None = None, judge_drift: bool = True) -> tuple[int, str, dict]:
     """Predictions of `input_path` into the Parquet file `output` (local or in a bucket), whole or not at all:
-    (rows, sha256 of the file)."""
+    (rows, sha256 of the file, the drift report; with `judge_drift` False, what was seen, for a merged report)."""
     remote = not storage.is_local(output)
     fs, path = storage.filesystem(output)
     if fs.isdir(path):
@@ -151,20 +153,29 @@ def predict_into(cfg: PipelineConfig, predictor: Predictor, input_path: str, out
                 "label_names": json.dumps(predictor.manifest.get("label_names")), "input": input_path,
                 **(extra_metadata or {})}
     batches = read_images(cfg, input_path, predictor.image_format, predictor.image_shape)
+    watch, report = InputWatch(predictor.manifest["num_classes"]), {}
+
+    def judge() -> None:  # before the predictions are in place: on_drift=fail leaves nothing
+        if judge_drift:
+            report.update(drift_report(cfg, predictor.manifest, watch.summary()))
+            check_drift(cfg, report, input_path)
+            storage.write_json(drift_path(output), report)
+
     with tempfile.TemporaryDirectory(prefix="tfpipe-predict-") as scratch:
         # A bucket has no rename: write locally, then one upload (a whole object or none).
         local_output = Path(scratch) / "predictions.parquet" if remote else Path(output)
-        rows = write_predictions(batches, predictor, local_output, metadata, input_path)
+        rows = write_predictions(batches, predictor, local_output, metadata, input_path, watch, judge)
         digest = storage.sha256(str(local_output))
         if remote:
             storage.upload_file(str(local_output), output)
-    return rows, digest
+    return rows, digest, report if judge_drift else watch.summary()
 
 
 def write_predictions(batches: Iterator[Batch], predictor: Predictor, output_path: Path, metadata: dict,
-                      input_path: str) -> int:
-    """Stream the predictions into a temporary file beside `output_path`, then rename it into place; on any
-    error nothing is left behind. Returns the number of rows."""
+                      input_path: str, watch: InputWatch, before_publishing: Callable[[], None]) -> int:
+    """Stream the predictions into a temporary file beside `output_path` (and what they saw into `watch`), call
+    `before_publishing`, then rename the file into place; on any error nothing is left behind. Returns the
+    number of rows."""
     created_parent = not output_path.parent.exists()
     output_path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temp_files(output_path)
@@ -179,7 +190,9 @@ def write_predictions(batches: Iterator[Batch], predictor: Predictor, output_pat
                                         f"{predictor.image_shape}: predict with a model trained on this kind of image")
                 if len(images) == 0:
                     continue
-                out = _output_batch(predictor.forward(images), batch.columns, rows, predictor.manifest.get("label_names"))
+                outputs = predictor.forward(images)
+                watch.update(images, class_probabilities(outputs))
+                out = _output_batch(outputs, batch.columns, rows, predictor.manifest.get("label_names"))
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, out.schema.with_metadata(metadata))
                 writer.write_batch(out)
@@ -189,6 +202,7 @@ def write_predictions(batches: Iterator[Batch], predictor: Predictor, output_pat
             raise PipelineError(f"{input_path} has no rows to predict: pass a non-empty input")
         writer.close()
         writer = None
+        before_publishing()
         os.replace(tmp, output_path)
     except BaseException:
         if writer is not None:
@@ -235,7 +249,7 @@ def batch_predict(cfg: PipelineConfig, model_fingerprint: str, dataset: DatasetA
 
     def write(out: str) -> dict:
         artifact = predict(cfg, model_fingerprint, input_ref, join(out, "predictions.parquet"), allow_unblessed=False)
-        return {**artifact.model_dump(), "output": final}
+        return {**artifact.model_dump(), "output": final, "drift_path": drift_path(final)}
 
     published = reuse_or_publish(root, STAGE, fp, write, rebuild=cfg.rebuilds(STAGE))
     if published.cache_hit:

@@ -64,8 +64,8 @@ def test_fingerprint_is_stable_and_sensitive():
 
 def test_default_yaml_is_valid_yaml():
     assert set(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())) == {
-        "rerun", "data", "model", "train", "evaluate", "export", "predict", "artifacts", "schedule", "serve", "tune",
-        "tracking"}
+        "rerun", "data", "model", "train", "validate", "evaluate", "export", "predict", "artifacts", "schedule", "serve",
+        "tune", "tracking"}
 
 
 def test_cli_rejects_bad_config_with_exit_2_before_any_work(tmp_path):

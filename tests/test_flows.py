@@ -60,8 +60,8 @@ def test_training_flow_completes_reports_and_skips_cached_stages(prefect_server,
     assert pq.read_table(summary.prediction.output).num_rows == 300
     first_id = state.state_details.flow_run_id
     states = task_states(first_id)
-    assert states == {"ingest": "Completed", "train": "Completed", "evaluate": "Completed", "predict": "Completed",
-                      "report": "Completed"}
+    assert states == {"ingest": "Completed", "validate": "Completed", "train": "Completed", "evaluate": "Completed",
+                      "predict": "Completed", "report": "Completed"}
     logs = flow_logs(first_id, expect="gate: blessed")
     assert "gate: blessed" in logs
     epoch_lines = [line for line in logs.splitlines() if line.startswith("epoch 1/1")]
@@ -69,7 +69,7 @@ def test_training_flow_completes_reports_and_skips_cached_stages(prefect_server,
 
     artifacts = run_artifacts(first_id)
     assert set(artifacts) == {"training-report", "evaluation-metrics", "confusion-matrix", "training-progress",
-                              "training-history"}
+                              "training-history", "data-statistics", "data-validation"}
     report = artifacts["training-report"].data
     assert "Promotion gate" in report and summary.model.fingerprint[:12] in report
     plots = [f"]({summary.evaluation.uri}/{p})" for p in summary.evaluation.plots]
@@ -86,7 +86,7 @@ def test_training_flow_completes_reports_and_skips_cached_stages(prefect_server,
     again = training_pipeline(overrides=overrides, return_state=True)
     assert again.is_completed()
     states = task_states(again.state_details.flow_run_id)
-    assert states["ingest"] == "Cached" and states["train"] == "Cached" and states["predict"] == "Cached"
+    assert states["ingest"] == states["validate"] == states["train"] == states["predict"] == "Cached"
     assert again.result().model.fingerprint == summary.model.fingerprint
 
 

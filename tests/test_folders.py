@@ -269,6 +269,10 @@ def test_tfpipe_run_on_a_folder_and_predictions_from_a_folder_of_files(photos, p
     code, out, err = invoke_cli("run", "--set", f"artifacts.root={root}", *[a for s in sets for a in ("--set", s)])
     assert code == 0, err
     assert "gate: BLESSED" in out and "predictions: " in out
+    # the validate stage's report counts the photos' sizes before resizing, as ingest saw them
+    ingested = json.load(open(next((root / "ingest").glob("*/manifest.json"))))
+    validation = json.load(open(next((root / "validate").glob("*/validation.json"))))
+    assert validation["source_sizes"] == ingested["source_sizes"] and sum(validation["source_sizes"].values()) == 152
     incoming = tmp_path / "incoming"
     names = [f"apple/{sorted(p.name for p in (photos / 'apple').iterdir())[3]}", "banana/000.jpg",
              "banana/really-a-png.jpg"]

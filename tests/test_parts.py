@@ -3,6 +3,7 @@ task per input file, resumable per file, a killed worker and a corrupt file hand
 worker share one cluster (`predict.dask_address`); the killed-worker and CLI tests start their own, as the
 engine does without an address."""
 
+import json
 import os
 import signal
 import threading
@@ -69,7 +70,10 @@ def test_twenty_files_on_two_workers_equal_the_local_engine(prefect_server, dask
     assert state.is_completed(), state.message
     manifest = storage.read_json(str(out / "_manifest.json"))
     assert manifest["complete"] and manifest["rows"] == 1000 and len(manifest["parts"]) == 20
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [f"part-batch-{i:02d}.parquet" for i in range(20)]
+    assert sorted(p.name for p in out.iterdir()) == ["_drift.json", "_manifest.json"] + [
+        f"part-batch-{i:02d}.parquet" for i in range(20)]
+    drift = json.loads((out / "_drift.json").read_text())  # the parts' inputs merged into one report
+    assert drift["images"] == 1000 and manifest["drift"] == drift["drift"] and "brightness_histogram" in drift["figures"]
     scored = pq.read_table(out).sort_by("sample_id")  # the directory as one Parquet dataset
     assert scored.num_rows == 1000 and len(set(scored.column("sample_id").to_pylist())) == 1000  # each row once
     first = pq.read_table(out / "part-batch-03.parquet")
@@ -99,6 +103,7 @@ def test_twenty_files_on_two_workers_equal_the_local_engine(prefect_server, dask
     again = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg, dask_address))
     assert sorted(p["part"] for p in again["parts"] if not p["skipped"]) == ["part-batch-05.parquet", "part-batch-17.parquet"]
     assert again["rows"] == 1000 and again["complete"]
+    assert json.loads((out / "_drift.json").read_text())["images"] == 100  # what this run scored: the two parts
     redone = batch_prediction(model="champion", input=str(tmp_path / "in"), output=str(out), overrides=overrides(cfg, dask_address),
                               overwrite=True)
     assert not any(p["skipped"] for p in redone["parts"]) and len(redone["parts"]) == 20 and redone["rows"] == 1000
@@ -157,7 +162,8 @@ def test_a_killed_worker_loses_no_part(prefect_server, blessed, tmp_path):
     assert result["state"].is_completed(), result["state"].message
     manifest = storage.read_json(str(out / "_manifest.json"))
     assert manifest["rows"] == 4800 and len(manifest["parts"]) == 12
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [f"part-batch-{i:02d}.parquet" for i in range(12)]
+    assert sorted(p.name for p in out.iterdir()) == ["_drift.json", "_manifest.json"] + [
+        f"part-batch-{i:02d}.parquet" for i in range(12)]
     redone = next(p for p in manifest["parts"] if p["part"] == victim[1])
     assert redone["worker"].split(":")[1] != str(victim[0]) and redone["rows"] == 400  # scored again, elsewhere
     assert pq.read_table(out).num_rows == 4800  # no part duplicated, none missing

@@ -44,7 +44,7 @@ def test_predictions_equal_model_predict_and_keep_row_order(champion, tmp_path):
     meta = result.schema.metadata
     assert meta[b"model_fingerprint"].decode() == model.fingerprint
     assert result.schema.field("probabilities").type == pa.list_(pa.float32())
-    assert [p.name for p in out.parent.iterdir()] == ["preds.parquet"]  # no temporary file left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["preds.drift.json", "preds.parquet"]  # no temporary file
 
 
 def test_champion_accuracy_on_the_test_rows_equals_the_evaluation(champion, tmp_path):
