@@ -327,7 +327,8 @@ class TrainConfig(Section):
         return self
 
 
-ANOMALY_KINDS = ("leakage", "schema", "drift", "duplicates", "blank")
+ANOMALY_ACTIONS = {"leakage": "fail", "schema": "warn", "drift": "warn", "duplicates": "warn", "blank": "warn"}
+ANOMALY_KINDS = tuple(ANOMALY_ACTIONS)
 # The validate section and its schema key shadow pydantic's deprecated v1 classmethods of those names (nothing here
 # calls them): the names users read in the docs win over a warning at every start.
 warnings.filterwarnings("ignore", message=r'Field name "(schema|validate)" in "(ValidateConfig|PipelineConfig)" shadows',
@@ -339,8 +340,7 @@ class ValidateConfig(Section):
     schema: str | None = Field(None, description="a schema YAML (edit the schema.yaml a validation wrote); null: "
                                "inferred from the champion's dataset, or from this one when there is no champion")
     on_anomaly: dict[Literal[ANOMALY_KINDS], Literal["fail", "warn"]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: {"leakage": "fail", "schema": "warn", "drift": "warn", "duplicates": "warn",
-                                 "blank": "warn"}, description="per kind of anomaly: fail the stage, or warn")
+        default_factory=lambda: dict(ANOMALY_ACTIONS), description="per kind of anomaly: fail the stage, or warn")
     max_js_distance: float = Field(0.1, ge=0, le=1, description="drift: Jensen-Shannon distance of class "
                                    "proportions and image-statistic histograms from the champion's data")
     max_psi: float = Field(0.25, ge=0, description="drift: population stability index of the same histograms")
@@ -349,9 +349,8 @@ class ValidateConfig(Section):
 
     @field_validator("on_anomaly")
     @classmethod
-    def _every_kind(cls, value: dict) -> dict:
-        defaults = {"leakage": "fail", "schema": "warn", "drift": "warn", "duplicates": "warn", "blank": "warn"}
-        return {**defaults, **value}
+    def _every_kind(cls, value: dict) -> dict:  # a kind left out keeps its default action
+        return {**ANOMALY_ACTIONS, **value}
 
 
 class EvaluateConfig(Section):
