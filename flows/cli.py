@@ -178,6 +178,12 @@ def predict(model: Annotated[str, typer.Option(help="champion, a model directory
                             f"{_drift_note(result.drift, result.drift_path)}")
 
 
+def _anomalies_line(anomalies: list[dict]) -> str:
+    if not anomalies:
+        return "no anomalies"
+    return f"{len(anomalies)} anomalies (" + "; ".join(f"{a['kind']}: {a['message']}" for a in anomalies) + ")"
+
+
 def _drift_note(drift: bool | None, path: str | None = None) -> str:
     if drift is None:
         return ""
@@ -202,9 +208,11 @@ def run(config: ConfigOpt = None, set: SetOpt = None, json_out: JsonOpt = False,
     typer.echo("\n".join([
         f"test accuracy: {ev.metrics['accuracy']:.4f} (macro F1 {ev.metrics['macro_f1']:.4f})",
         f"gate: {'BLESSED' if ev.blessed else 'NOT blessed'} ({'; '.join(r.describe() for r in ev.reasons)})",
+        f"data: {_anomalies_line(summary.validation.anomalies)}",
         f"model: {model.uri}/{model.model_path}{' (cached)' if model.cache_hit else ''}",
         f"champion: {ev.champion_after or 'none'}",
-        f"predictions: {pred.output} ({pred.rows} rows)" if pred else "predictions: none (no champion)",
+        f"predictions: {pred.output} ({pred.rows} rows){_drift_note(pred.drift)}" if pred
+        else "predictions: none (no champion)",
         f"report: {ev.uri}",
         f"took {summary.seconds:.1f}s",
     ]))

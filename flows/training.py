@@ -1,4 +1,4 @@
-"""The training pipeline: ingest -> train -> evaluate (gate) -> batch predict, each stage a Prefect task."""
+"""The training pipeline: ingest -> validate -> train -> evaluate (gate) -> batch predict, each stage a Prefect task."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from tasks.devices import configure_devices
 from tasks.model import check_model_config
 from tasks.policy import served_call
 from tasks.storage import check_reachable
+from tasks.validate import ValidationArtifact
 
 
 class RunSummary(BaseModel):
     dataset: DatasetArtifact
+    validation: ValidationArtifact
     model: ModelArtifact
     evaluation: EvaluationArtifact | None  # None on a multi_worker worker other than the chief
     prediction: PredictionArtifact | None
@@ -30,7 +32,7 @@ class RunSummary(BaseModel):
 @flow(name="training-pipeline")
 def training_pipeline(config_file: str | None = None, overrides: dict[str, Any] | None = None,
                       rerun: str | None = None) -> RunSummary:
-    """`rerun`: a stage (ingest, train, evaluate, predict, all) rebuilt with the stages after it, even when published."""
+    """`rerun`: a stage (ingest, validate, train, evaluate, predict, all) rebuilt with the stages after it, even when published."""
     started = time.perf_counter()
     config_file, overrides = served_call(config_file, overrides, rerun=rerun)  # under tfpipe serve: what callers may set
     cfg = load_config(config_file, {**(overrides or {}), **({"rerun": rerun} if rerun else {})})
@@ -53,8 +55,8 @@ def _stages(cfg: PipelineConfig, started: float) -> RunSummary:
     # Under multi_worker every worker trains; the chief alone evaluates, predicts and reports.
     if cfg.train.in_cluster and cluster_from_env()[0] != 0:
         get_run_logger().info("worker %d: training done; the chief evaluates and predicts", cluster_from_env()[0])
-        return RunSummary(dataset=resolved(dataset), model=resolved(model), evaluation=None, prediction=None,
-                          seconds=time.perf_counter() - started)
+        return RunSummary(dataset=resolved(dataset), validation=resolved(validation), model=resolved(model),
+                          evaluation=None, prediction=None, seconds=time.perf_counter() - started)
     # 4. evaluate: test-split metrics and the promotion gate; a blessed model becomes the champion.
     evaluation = evaluate_task(cfg, dataset, model, validation)
     # 5. predict: batch predictions from the champion, streamed to Parquet.
@@ -62,5 +64,5 @@ def _stages(cfg: PipelineConfig, started: float) -> RunSummary:
     # The run report on the dashboard's Artifacts page.
     report_task(dataset, model, evaluation, prediction, validation)
 
-    return RunSummary(dataset=resolved(dataset), model=resolved(model), evaluation=evaluation,
-                      prediction=resolved(prediction), seconds=time.perf_counter() - started)
+    return RunSummary(dataset=resolved(dataset), validation=resolved(validation), model=resolved(model),
+                      evaluation=evaluation, prediction=resolved(prediction), seconds=time.perf_counter() - started)

@@ -193,6 +193,7 @@ def test_cli_run_prints_the_summary_blessed_or_not(prefect_server, tmp_path):
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0].startswith("test accuracy: ") and lines[1].startswith("gate: BLESSED")
+    assert "data: no anomalies" in lines  # the validate stage's verdict on the data it trained on
     assert any(line.startswith("predictions: ") and "(300 rows)" in line for line in lines)
     model_line = next(line for line in lines if line.startswith("model: "))
     assert model_line.split()[1].endswith("model.keras") and (tmp_path / "a" / "train").is_dir()

@@ -49,8 +49,8 @@ def test_the_readme_quick_run_works_on_a_new_prefect_home_twice(tmp_path):
     assert "Beginning flow run" in first.stderr  # the run went through Prefect (its temporary server) ...
     assert "temporary server" not in first.stderr.lower()  # ... whose start-up notes stay out of a quiet run
     summary = first.stdout.splitlines()
-    assert [line.split(":")[0] for line in summary[:-1]] == ["test accuracy", "gate", "model", "champion",
-                                                             "predictions", "report"], first.stdout
+    assert [line.split(":")[0] for line in summary[:-1]] == ["test accuracy", "gate", "data", "model",
+                                                             "champion", "predictions", "report"], first.stdout
     assert re.fullmatch(r"took \d+\.\ds", summary[-1]), summary[-1]
     assert f"model: {tmp_path / 'artifacts' / 'train'}" in first.stdout and "(cached)" not in first.stdout
     assert (tmp_path / "prefect-home" / "prefect.db").exists()  # the temporary server's database, made on this run

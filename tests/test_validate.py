@@ -153,6 +153,7 @@ def test_a_run_warned_of_leakage_goes_on_with_the_anomalies_in_its_report_and_th
     state = training_pipeline(overrides=overrides, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
+    assert {a["kind"] for a in summary.validation.anomalies} == {"leakage"}
     refused = [r for r in summary.evaluation.reasons if r.check == "block_on_anomalies"]
     assert not summary.evaluation.blessed and refused and refused[0].observed >= 1 and not refused[0].passed
     artifacts = run_artifacts(state.state_details.flow_run_id)
