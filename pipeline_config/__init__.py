@@ -265,6 +265,8 @@ class TrainConfig(Section):
     deterministic: bool = False
     local_workers: int | None = Field(None, ge=1, description="start N multi_worker processes on this machine")
     collective_timeout_s: float = Field(60.0, gt=0, description="multi_worker: how long to wait for a lost worker")
+    worker_wait_s: float = Field(3600.0, gt=0, description="multi_worker: how long the workers wait for each other "
+                                 "outside training steps (the chief's ingest and publishing, a slow start)")
     phases: list[PhaseConfig] = Field(default_factory=list, description="train in phases (freeze, then fine-tune); "
                                       "train.epochs is then their sum")
     init_from: str | None = Field(None, description="champion, a model fingerprint or directory: start from its "

@@ -78,17 +78,29 @@ def worker_role(strategy) -> tuple[bool, int]:
     return index == 0, index
 
 
-def barrier(strategy) -> None:
-    """Every worker waits here until all have arrived (a one-number all-reduce)."""
+def sum_over_workers(strategy, value_fn, wait_s: float):
+    """The sum of `value_fn()` over every replica of the cluster, waiting up to `wait_s` for the others (not the
+    collective timeout of the training steps: outside them, one worker may be busy for long, as the chief is while
+    it ingests or publishes)."""
     import tensorflow as tf
 
-    def one():
-        return tf.constant(1.0)
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=wait_s)
 
-    tf.function(lambda: strategy.reduce("SUM", strategy.run(one), axis=None), autograph=False)()
+    def step():
+        return tf.distribute.get_replica_context().all_reduce("SUM", value_fn(), options=options)
+
+    total = tf.function(lambda: strategy.run(step), autograph=False)()
+    return strategy.experimental_local_results(total)[0]
 
 
-def broadcast_text(strategy, text: str | None, size: int = 1024) -> str:
+def barrier(strategy, wait_s: float) -> None:
+    """Every worker waits here until all have arrived (up to `wait_s`)."""
+    import tensorflow as tf
+
+    sum_over_workers(strategy, lambda: tf.constant(1.0), wait_s)
+
+
+def broadcast_text(strategy, text: str | None, wait_s: float, size: int = 1024) -> str:
     """The chief's `text` on every worker (UTF-8 bytes summed over an all-reduce where only the chief adds)."""
     import numpy as np
     import tensorflow as tf
@@ -105,7 +117,7 @@ def broadcast_text(strategy, text: str | None, size: int = 1024) -> str:
         first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
         return tf.where(first, tf.constant(data), tf.zeros_like(data))
 
-    total = tf.function(lambda: strategy.reduce("SUM", strategy.run(contribute), axis=None), autograph=False)().numpy()
+    total = sum_over_workers(strategy, contribute, wait_s).numpy()
     return bytes(total[total > 0].astype(np.uint8)).decode()
 
 

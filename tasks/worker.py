@@ -27,11 +27,11 @@ def ingest_on_cluster(cfg: PipelineConfig) -> DatasetArtifact:
             try:
                 dataset = ingest(cfg.data, cfg.artifacts.root, cfg.rebuilds("ingest"))
             except PipelineError as exc:
-                broadcast_text(strategy, "error:" + str(exc)[:900])
+                broadcast_text(strategy, "error:" + str(exc)[:900], cfg.train.worker_wait_s)
                 raise
-            broadcast_text(strategy, dataset.uri)
+            broadcast_text(strategy, dataset.uri, cfg.train.worker_wait_s)
             return dataset
-        named = broadcast_text(strategy, None)
+        named = broadcast_text(strategy, None, cfg.train.worker_wait_s)
     if named.startswith("error:"):
         raise PipelineError(f"worker {index}: the chief could not ingest the data ({named[6:]})")
     manifest = read_manifest(named)

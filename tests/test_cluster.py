@@ -115,6 +115,36 @@ def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path, monkeypatch):
     assert len(err.strip().splitlines()) == 1
 
 
+BUSY_CHIEF = """
+import sys, time
+from pipeline_config import TrainConfig
+from tasks.cluster import broadcast_text, lost_worker_errors, multi_worker_strategy, worker_role
+cfg = TrainConfig(strategy="multi_worker", collective_timeout_s=2)
+strategy = multi_worker_strategy(cfg)
+chief, _ = worker_role(strategy)
+if chief:
+    time.sleep(10)  # the chief's one-off work (an ingest, an export) outlasts the training steps' timeout
+with lost_worker_errors(cfg):
+    print(broadcast_text(strategy, "the-cache" if chief else None, wait_s=float(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("wait_s, waited", [(120, True), (2, False)])
+def test_workers_wait_for_a_busy_chief_beyond_the_collective_timeout(wait_s, waited):
+    """Outside training steps a worker waits train.worker_wait_s, not the steps' collective timeout (with the
+    timeout, the wait fails: the case that shows the test can fail)."""
+    ports = [free_port(), free_port()]
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CHIEF, str(wait_s)], cwd=REPO, env=worker_env(ports, i),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for i in range(2)]
+    results = finish(procs, timeout=200)
+    if waited:
+        assert [p.returncode for p in procs] == [0, 0], results[1][1][-3000:]
+        assert [out.strip() for out, _ in results] == ["the-cache", "the-cache"]
+    else:
+        assert procs[1].returncode != 0 and "worker 1 lost contact with worker 0" in results[1][1]
+
+
 def test_killed_worker_fails_the_other_in_bounded_time_and_relaunch_resumes(tmp_path):
     root = tmp_path / "artifacts"
     sets = [f"artifacts.root={root}", "data.limit=1600", "train.epochs=3", "train.batch_size=64",

@@ -133,7 +133,7 @@ def publish_model(cfg: PipelineConfig, fp: str, strategy: tf.distribute.Strategy
     if published.cache_hit:
         return published
     if cfg.train.in_cluster:
-        barrier(strategy)  # the chief has published when every worker gets past this
+        barrier(strategy, cfg.train.worker_wait_s)  # the chief has published when every worker gets past this
     if chief:
         clear_work(cfg, fp)
         return published
@@ -147,6 +147,8 @@ def train_and_save(run: TrainingRun, out: str, on_epoch: EpochCallback | None) -
     """Resume, train the remaining epochs, save the model into `out`; returns the manifest body."""
     recorder = EpochRecorder(run, on_epoch)
     start_epoch, start_step = recorder.resume()
+    if run.cfg.train.in_cluster:  # the first training step's collectives time out after collective_timeout_s
+        barrier(run.strategy, run.cfg.train.worker_wait_s)
     started = time.perf_counter()
     with run.stop:
         run_epochs(run, start_epoch, start_step, recorder)
