@@ -682,8 +682,27 @@ def user_settings(path: str | Path | None, overrides: dict[str, Any]) -> dict:
     return tree
 
 
+ENV_PREFIX = "TFPIPE__"
+
+
+def environment_overrides() -> dict[str, tuple[list[str], Any]]:
+    """Settings from the environment, as a container or a scheduler sets them: TFPIPE__TRAIN__EPOCHS=3 is
+    `--set train.epochs=3` (the value read as YAML, sections joined by a double underscore); by variable name."""
+    items = {}
+    for name, raw in sorted(os.environ.items()):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            key = ".".join(name[len(ENV_PREFIX):].lower().split("__"))
+            try:
+                items[name] = parse_override(f"{key}={raw}")
+            except ConfigError:
+                raise ConfigError(f"config error: environment variable {name}: expected TFPIPE__SECTION__KEY=VALUE, "
+                                  "e.g. TFPIPE__TRAIN__EPOCHS=3") from None
+    return items
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
-    """Default YAML, then `path` merged over it, then dotted overrides; validated.
+    """Default YAML, then `path` merged over it, then the environment (TFPIPE_ARTIFACTS, TFPIPE__SECTION__KEY),
+    then dotted overrides; validated.
 
     Raises ConfigError with one line naming the offending key.
     """
@@ -698,9 +717,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     env_root = os.environ.get("TFPIPE_ARTIFACTS")
     if env_root:  # the environment beats the files, an explicit --set beats the environment
         tree.setdefault("artifacts", {})["root"] = env_root
+    environment = environment_overrides()
+    for name, (parts, value) in environment.items():
+        try:
+            _set_dotted(tree, parts, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (set by the environment variable {name})") from None
     for parts, value in items:
         _set_dotted(tree, parts, value)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(validation_message(exc)) from None
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        named = [name for name, (parts, _) in environment.items() if f"{where}.".startswith(".".join(parts) + ".")]
+        raise ConfigError(validation_message(exc) + (f" (set by the environment variable {named[0]})" if named
+                                                     else "")) from None

@@ -167,7 +167,12 @@ def predict_into(cfg: PipelineConfig, predictor: Predictor, input_path: str, out
         rows = write_predictions(batches, predictor, local_output, metadata, input_path, watch, judge)
         digest = storage.sha256(str(local_output))
         if remote:
-            storage.upload_file(str(local_output), output)
+            try:
+                storage.upload_file(str(local_output), output)
+            except BaseException:  # the drift report went first: without its predictions, it goes too
+                if judge_drift:
+                    storage.remove(drift_path(output))
+                raise
     return rows, digest, report if judge_drift else watch.summary()
 
 

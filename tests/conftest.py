@@ -19,6 +19,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("TFPIPE_ARTIFACTS", None)
+for _name in [n for n in os.environ if n.startswith("TFPIPE__")]:
+    os.environ.pop(_name)
+# Serving formats only where a test names them (export.formats): each costs a check in a process of its own,
+# seconds per training, and most tests are about something else. The environment reaches every process a test
+# starts; a test's --set or overrides beat it (tests/test_newcomer.py runs without it: a new user's defaults).
+os.environ["TFPIPE__EXPORT__FORMATS"] = "[]"
 
 import flows  # noqa: E402,F401  (environment defaults)
 # Prefect's logging set-up (on its first import of prefect.main) closes every logging handler made before it, and
@@ -175,7 +181,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trained") / "artifacts"
     cfg = make_config(root, "data.limit=1200", "train.epochs=2", "train.batch_size=64", "evaluate.min_accuracy=0.3",
-                      *PLAIN_TRAINING)
+                      "export.formats=[saved_model]", *PLAIN_TRAINING)
     dataset = ingest(cfg.data, cfg.artifacts.root)
     model = train(cfg, dataset)
     return cfg, dataset, model

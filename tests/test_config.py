@@ -32,6 +32,25 @@ def test_artifacts_root_from_environment(monkeypatch, tmp_path):
     assert load_config(overrides=[f"artifacts.root={tmp_path}/cli"]).artifacts.root == f"{tmp_path}/cli"
 
 
+def test_settings_from_the_environment_beat_the_files_and_lose_to_set(monkeypatch, tmp_path):
+    config = tmp_path / "team.yaml"
+    config.write_text("train:\n  epochs: 7\n  lr_schedule:\n    name: cosine\n")
+    monkeypatch.setenv("TFPIPE__TRAIN__EPOCHS", "3")
+    monkeypatch.setenv("TFPIPE__TRAIN__LR_SCHEDULE__WARMUP_EPOCHS", "2")
+    monkeypatch.setenv("TFPIPE__EXPORT__FORMATS", "[onnx, tflite]")
+    cfg = load_config(config)
+    assert (cfg.train.epochs, cfg.train.lr_schedule.name, cfg.train.lr_schedule.warmup_epochs) == (3, "cosine", 2)
+    assert cfg.export.formats == ["onnx", "tflite"]
+    assert load_config(config, overrides=["train.epochs=5"]).train.epochs == 5
+    assert load_config(config, overrides={"export.formats": []}).export.formats == []
+    monkeypatch.setenv("TFPIPE__TRAIN__EPOCHS", "three")
+    with pytest.raises(ConfigError, match=r"train.epochs.*\(set by the environment variable TFPIPE__TRAIN__EPOCHS\)$"):
+        load_config()
+    monkeypatch.setenv("TFPIPE__TRAIN__EPOCH", "3")
+    with pytest.raises(ConfigError, match=r"train.epoch: .*\(set by the environment variable TFPIPE__TRAIN__EPOCH\)$"):
+        load_config()
+
+
 @pytest.mark.parametrize("override, key", [
     ("train.epoch=2", "train.epoch"),
     ("train.epochs=two", "train.epochs"),

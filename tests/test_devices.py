@@ -93,7 +93,8 @@ def test_each_precision_trains_under_two_replicas(tmp_path, precision, mode):
 
 
 def test_bf16_model_loads_and_predicts_in_a_float32_only_process(tmp_path):
-    cfg = make_config(tmp_path, "data.limit=160", "train.batch_size=32", "train.epochs=1", "train.precision=mixed_bfloat16")
+    cfg = make_config(tmp_path, "data.limit=160", "train.batch_size=32", "train.epochs=1", "train.precision=mixed_bfloat16",
+                      "export.formats=[saved_model]")
     artifact = train(cfg, ingest(cfg.data, cfg.artifacts.root))
     x = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)  # the pixels a client has
     expected = load_model(f"{artifact.uri}/model.keras").predict(x, verbose=0)

@@ -78,7 +78,8 @@ def test_training_and_prediction_flows_on_an_s3_root(prefect_server, s3, tmp_pat
 
 def test_ingest_train_evaluate_predict_on_a_gcs_root(gcs, tmp_path):
     root = "gs://tfg/run"
-    args = sets({**TINY, "artifacts.root": root, "artifacts.local_cache": str(tmp_path / "cache")})
+    args = sets({**TINY, "artifacts.root": root, "artifacts.local_cache": str(tmp_path / "cache"),
+                 "export.formats": "[saved_model]"})
     code, out, err = invoke_cli("evaluate", *args, "--json")
     assert code == 0, err
     evaluation = json.loads(out)

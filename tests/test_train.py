@@ -58,7 +58,8 @@ def test_two_replicas_reduce_the_loss_and_stay_identical(root, mode, caplog):
 
 
 @pytest.mark.parametrize("mode", ["fit", "custom"])
-def test_train_stage_publishes_a_model_artifact_under_two_replicas(root, mode):
+def test_train_stage_publishes_a_model_artifact_under_two_replicas(root, mode, monkeypatch):
+    monkeypatch.delenv("TFPIPE__EXPORT__FORMATS")  # the default serving formats (a SavedModel)
     # 357 training records in batches of 4: a last batch of one record would leave one replica an empty batch,
     # which fails oneDNN's convolutions; whole batches only
     cfg = make_config(root, "data.limit=400", "train.cpu_replicas=2", "train.batch_size=4", "train.epochs=1",

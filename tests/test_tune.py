@@ -77,7 +77,8 @@ def latest_artifact(key: str):
 def test_a_study_killed_mid_trial_resumes_without_training_twice_and_its_preset_is_a_cache_hit(prefect_server, tmp_path):
     root = tmp_path / "artifacts"
     config = write_tune_config(tmp_path / "tune.yaml", trials=4, parallel=2, sampler="random", pruner="none")
-    args = ["tune", "--config", str(config), *sets(f"artifacts.root={root}", "train.epochs=2", *TINY)]
+    args = ["tune", "--config", str(config), *sets(f"artifacts.root={root}", "train.epochs=2", "export.formats=[saved_model]",
+                                                   *TINY)]
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     log = tmp_path / "first.log"
     with open(log, "w") as out:
