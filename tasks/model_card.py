@@ -93,7 +93,7 @@ def card_markdown(card: dict) -> str:
         f"- body: {_body(model['architecture'])}",
         f"- started from: model {model['init_from']['fingerprint'][:12]} (`{model['init_from']['uri']}`)"
         if model["init_from"] else "- started from: its initializers (or the backbone's weights file)",
-        *([f"- phases: " + "; ".join(f"{p['epochs']} epoch(s) training {p['trainable']}" for p in model["phases"])]
+        *(["- phases: " + "; ".join(f"{p['epochs']} epoch(s) training {p['trainable']}" for p in model["phases"])]
           if model["phases"] else []),
         "- serving formats: " + (", ".join(f"{name} (`{entry['path']}`, agrees with Keras on "
                                           f"{entry['parity']['label_agreement']:.2%})"

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import storage
-from tests.conftest import MNIST, REPO, LineWatch, finish, invoke_cli, run_cli, saved_epochs
+from tests.conftest import MNIST, REPO, LineWatch, finish, invoke_cli, saved_epochs
 
 TINY = {"data.limit": 300, "train.epochs": 1, "train.batch_size": 50, "evaluate.min_accuracy": 0.05}
 

@@ -78,7 +78,7 @@ def test_a_frozen_phase_leaves_the_backbone_bit_identical_and_the_next_changes_i
     from tasks.train import train
 
     path, saved = weights_file
-    base = [f"train.precision=float32", f"model.backbone={{name: MobileNetV3Small, weights: {path}}}"]
+    base = ["train.precision=float32", f"model.backbone={{name: MobileNetV3Small, weights: {path}}}"]
     cfg = make_config(tmp_path / "a", *MOBILENET, *base, "train.phases=[{epochs: 1, trainable: head}]")
     dataset = ingest(cfg.data, cfg.artifacts.root)
     frozen = train(cfg, dataset)
