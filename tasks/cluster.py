@@ -121,25 +121,28 @@ def broadcast_text(strategy, text: str | None, wait_s: float, size: int = 1024) 
     return bytes(total[total > 0].astype(np.uint8)).decode()
 
 
-def lost_worker_message(exc: Exception, index: int, count: int, timeout: float) -> str:
+def lost_worker_message(exc: Exception, index: int, count: int, limit: str, during: str) -> str:
     named = {int(t) for t in re.findall(r"/job:worker/replica:0/task:(\d+)", str(exc))} - {index}
     peers = sorted(named or set(range(count)) - {index})  # unnamed: one of the others (in a pair, the other one)
     who = ", ".join(f"worker {p}" for p in peers) if named or len(peers) == 1 else \
         "one of " + ", ".join(f"worker {p}" for p in peers)
-    return (f"worker {index} lost contact with {who} during training ({type(exc).__name__}: {first_line(exc)}); "
-            f"collective timeout {timeout:g}s. Relaunch the cluster: it resumes from the last checkpoint")
+    return (f"worker {index} lost contact with {who} during {during} ({type(exc).__name__}: {first_line(exc)}); "
+            f"{limit}. Relaunch the cluster: it resumes from the last checkpoint")
 
 
 @contextlib.contextmanager
-def lost_worker_errors(cfg: TrainConfig):
-    """In a multi_worker cluster, a collective that failed because a peer is gone becomes one clear PipelineError."""
+def lost_worker_errors(cfg: TrainConfig, during: str = "training"):
+    """In a multi_worker cluster, a collective that failed because a peer is gone becomes one clear PipelineError
+    (`during` training, where the steps' collective timeout applies, or a stage where the workers wait longer)."""
     try:
         yield
     except Exception as exc:
         if not cfg.in_cluster or type(exc).__name__ not in LOST_WORKER_ERRORS:
             raise
         index, count = cluster_from_env()
-        raise PipelineError(lost_worker_message(exc, index, count, cfg.collective_timeout_s)) from None
+        limit = f"collective timeout {cfg.collective_timeout_s:g}s" if during == "training" else \
+            f"train.worker_wait_s {cfg.worker_wait_s:g}s"
+        raise PipelineError(lost_worker_message(exc, index, count, limit, during)) from None
 
 
 # ------------------------------------------------------------------------------ local workers (loopback)

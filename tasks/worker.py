@@ -22,7 +22,7 @@ def ingest_on_cluster(cfg: PipelineConfig) -> DatasetArtifact:
     """The chief ingests; every other worker gets the cache it names (the strategy is created first of all)."""
     strategy = multi_worker_strategy(cfg.train)
     chief, index = worker_role(strategy)
-    with lost_worker_errors(cfg.train):
+    with lost_worker_errors(cfg.train, during="ingest"):
         if chief:
             try:
                 dataset = ingest(cfg.data, cfg.artifacts.root, cfg.rebuilds("ingest"))

@@ -119,26 +119,48 @@ BUSY_CHIEF = """
 import sys, time
 from pipeline_config import TrainConfig
 from tasks.cluster import broadcast_text, lost_worker_errors, multi_worker_strategy, worker_role
-cfg = TrainConfig(strategy="multi_worker", collective_timeout_s=2)
+from tasks.errors import PipelineError
+cfg = TrainConfig(strategy="multi_worker", collective_timeout_s=2, worker_wait_s=float(sys.argv[1]))
 strategy = multi_worker_strategy(cfg)
 chief, _ = worker_role(strategy)
+print("ready", flush=True)
 if chief:
-    time.sleep(10)  # the chief's one-off work (an ingest, an export) outlasts the training steps' timeout
-with lost_worker_errors(cfg):
-    print(broadcast_text(strategy, "the-cache" if chief else None, wait_s=float(sys.argv[1])))
+    time.sleep(float(sys.argv[2]))  # the chief's one-off work (an ingest, an export) outlasts the steps' timeout
+try:
+    with lost_worker_errors(cfg, during="ingest"):
+        print(broadcast_text(strategy, "the-cache" if chief else None, cfg.worker_wait_s))
+except PipelineError as exc:
+    sys.exit(f"tfpipe: error: {exc}")
 """
+
+
+def busy_chief(wait_s: float, busy_s: float) -> list[subprocess.Popen]:
+    ports = [free_port(), free_port()]
+    return [subprocess.Popen([sys.executable, "-c", BUSY_CHIEF, str(wait_s), str(busy_s)], cwd=REPO,
+                             env=worker_env(ports, i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True) for i in range(2)]
 
 
 def test_workers_wait_for_a_busy_chief_beyond_the_collective_timeout():
     """Outside training steps a worker waits train.worker_wait_s, not the steps' collective timeout (2 s here:
     with it, worker 1 would give up on the chief after 2 of its 10 busy seconds)."""
-    ports = [free_port(), free_port()]
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CHIEF, "120"], cwd=REPO, env=worker_env(ports, i),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for i in range(2)]
+    procs = busy_chief(wait_s=120, busy_s=10)
     results = finish(procs, timeout=200)
     assert [p.returncode for p in procs] == [0, 0], results[1][1][-3000:]
-    assert [out.strip() for out, _ in results] == ["the-cache", "the-cache"]
+    assert [out.strip() for out, _ in results] == ["ready\nthe-cache"] * 2
+
+
+def test_a_chief_lost_while_the_others_wait_fails_them_at_once_not_after_the_wait():
+    procs = busy_chief(wait_s=3600, busy_s=3600)
+    try:
+        assert procs[0].stdout.readline().strip() == "ready"  # the cluster is up: the chief gets to work
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        _, err = procs[1].communicate(timeout=180)  # TensorFlow sees the peer gone: not the hour's wait
+    finally:
+        finish(procs, timeout=1)
+    assert procs[1].returncode == 1
+    assert err.strip().splitlines()[-1].startswith("tfpipe: error: worker 1 lost contact with worker 0 during ingest ("), err
+    assert err.strip().endswith("; train.worker_wait_s 3600s. Relaunch the cluster: it resumes from the last checkpoint")
 
 
 def test_killed_worker_fails_the_other_in_bounded_time_and_relaunch_resumes(tmp_path):
