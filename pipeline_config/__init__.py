@@ -687,8 +687,11 @@ ENV_PREFIX = "TFPIPE__"
 
 def environment_overrides() -> dict[str, tuple[list[str], Any]]:
     """Settings from the environment, as a container or a scheduler sets them: TFPIPE__TRAIN__EPOCHS=3 is
-    `--set train.epochs=3` (the value read as YAML, sections joined by a double underscore); by variable name."""
+    `--set train.epochs=3` (the value read as YAML, sections joined by a double underscore); by variable name.
+    TFPIPE_ARTIFACTS, the older spelling of TFPIPE__ARTIFACTS__ROOT, comes first (the value as it is)."""
     items = {}
+    if os.environ.get("TFPIPE_ARTIFACTS"):
+        items["TFPIPE_ARTIFACTS"] = (["artifacts", "root"], os.environ["TFPIPE_ARTIFACTS"])
     for name, raw in sorted(os.environ.items()):
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             key = ".".join(name[len(ENV_PREFIX):].lower().split("__"))
@@ -714,10 +717,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         items = [(k.split("."), v) for k, v in overrides.items()]
     else:
         items = [parse_override(o) for o in overrides or []]
-    env_root = os.environ.get("TFPIPE_ARTIFACTS")
-    if env_root:  # the environment beats the files, an explicit --set beats the environment
-        tree.setdefault("artifacts", {})["root"] = env_root
-    environment = environment_overrides()
+    environment = environment_overrides()  # the environment beats the files, an explicit --set beats it
     for name, (parts, value) in environment.items():
         try:
             _set_dotted(tree, parts, value)
