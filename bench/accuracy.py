@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import RESULTS, REPO, bare_keras, timed
+from bench.run import REPO, RESULTS, bare_keras, timed
 from pipeline_config import DEFAULT_LAYERS, load_config
 
 # The defaults up to 2026-11-25: the seed's dropout (0.5 after every block), constant Adam 1e-3, no augmentation.

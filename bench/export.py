@@ -34,10 +34,11 @@ def side(name: str, args: dict) -> dict:
     """The body of one measurement (run in the fresh process)."""
     if name == "train":
         from pipeline_config import load_config
-        from tasks.export import split_sample, write_format
-        from tasks.ingest import ingest
-        from tasks.model import load_model
-        from tasks.train import train
+        from tasks.data.ingest import ingest
+        from tasks.data.reader import first_images
+        from tasks.model.published import load_model
+        from tasks.serve.export import write_format
+        from tasks.train.stage import train
 
         overrides = [f"artifacts.root={args['root']}"] + ([f"train.epochs={args['epochs']}"] if args["epochs"] else [])
         cfg = load_config(overrides=overrides)
@@ -45,7 +46,7 @@ def side(name: str, args: dict) -> dict:
         started = time.perf_counter()
         model_artifact = train(cfg, dataset)
         seconds = time.perf_counter() - started
-        np.save(args["images"], split_sample(dataset, "test", args["count"]))
+        np.save(args["images"], first_images(dataset, "test", args["count"]))
         model = load_model(f"{model_artifact.uri}/model.keras")
         files = {"keras": f"{model_artifact.uri}/model.keras", "saved_model": f"{model_artifact.uri}/saved_model"}
         for quantization in TFLITE:
@@ -72,7 +73,7 @@ def side(name: str, args: dict) -> dict:
 def runner(kind: str, path: str):
     """A function of a uint8 batch to the model's outputs, for one format."""
     if kind == "keras":
-        from tasks.model import load_model
+        from tasks.model.published import load_model
 
         model = load_model(path)
         return lambda batch: model.predict(batch, batch_size=BATCH, verbose=0)

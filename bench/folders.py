@@ -63,7 +63,7 @@ def side(name: str, args: dict) -> dict:
     tf.constant(0)  # TensorFlow's one-time start-up is no side's work
     if name == "ingest":
         from pipeline_config import load_config
-        from tasks.ingest import ingest
+        from tasks.data.ingest import ingest
 
         cfg = load_config(overrides=[f"artifacts.root={args['root']}", f"data.source=folder:{args['folder']}",
                                      f"data.image_size=[{SIZE}, {SIZE}]", "data.color_mode=rgb",
@@ -76,8 +76,9 @@ def side(name: str, args: dict) -> dict:
         return {"seconds": seconds, "images": sum(dataset.counts.values()), "uri": dataset.uri,
                 "bytes_per_image": stored / sum(dataset.counts.values())}
     if name == "read_cache":
-        from tasks.artifacts import dataset_artifact, read_manifest
-        from tasks.reader import make_dataset
+        from tasks.data.reader import make_dataset
+        from tasks.store.publish import read_manifest
+        from tasks.store.refs import dataset_artifact
 
         dataset = dataset_artifact(args["uri"], read_manifest(args["uri"]), cache_hit=True)
         data = make_dataset(dataset, "train", 64, shuffle_buffer=10_000, seed=1)
@@ -99,7 +100,7 @@ def side(name: str, args: dict) -> dict:
     if name == "decode":
         from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-        from tasks.decoding import ImageFormat
+        from tasks.preprocess.image_format import ImageFormat
 
         files = sorted(str(p) for p in Path(args["folder"]).rglob("*.jpg"))
         fmt = ImageFormat((SIZE, SIZE), "stretch", "bilinear", 3)
@@ -116,7 +117,7 @@ def side(name: str, args: dict) -> dict:
 
 
 def decode_one(path: str, fmt) -> int:
-    from tasks.decoding import decode_image
+    from tasks.preprocess.decode import decode_image
 
     with open(path, "rb") as f:
         return decode_image(f.read(), path, fmt).size

@@ -33,8 +33,8 @@ SIZE, BATCH, RATES = 32, 128, (1e-3, 1e-4)
 def stage(args: dict) -> dict:
     """tfpipe's train stage, in-process: ingest (resized at ingest), then the two phases."""
     from pipeline_config import load_config
-    from tasks.ingest import ingest
-    from tasks.train import train
+    from tasks.data.ingest import ingest
+    from tasks.train.stage import train
 
     epochs = args["epochs"]
     cfg = load_config(overrides=[

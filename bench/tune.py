@@ -45,7 +45,7 @@ def keras_tuner(args: dict) -> dict:
 
     from bench.bare_keras import load
     from pipeline_config import load_config
-    from tasks.model import build_model
+    from tasks.model.build import build_model
 
     x, y = load("train", args["images"])
     x = (x * 255.0).round()  # tfpipe's models take pixels 0-255 and scale them themselves
@@ -88,7 +88,7 @@ def tfpipe_tune(work: Path, args: argparse.Namespace, env: dict) -> tuple[float,
 
 def prefect_server(work: Path) -> tuple[subprocess.Popen, dict]:
     """A Prefect server for the tfpipe runs (a team's, as it would be), up before any timing starts."""
-    from tasks.cluster import free_port
+    from tasks.distributed.cluster import free_port
 
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -29,9 +29,9 @@ RESULTS = REPO / "bench" / "results"
 
 def ingest_side(args: dict) -> dict:
     from pipeline_config import load_config
-    from tasks import statistics as image_statistics
-    from tasks.ingest import ingest
-    from tasks.validate import validate
+    from tasks.data.ingest import ingest
+    from tasks.validation import statistics as image_statistics
+    from tasks.validation.validate import validate
 
     if not args["statistics"]:
         image_statistics.ImageStatistics.update = lambda self, images, labels=None: None

@@ -39,8 +39,8 @@ def ingest(args: dict) -> dict:
     import tensorflow as tf
 
     from bench.bare_keras import load
-    from tasks.ingest import ingest as run_ingest
-    from tasks.reader import make_dataset
+    from tasks.data.ingest import ingest as run_ingest
+    from tasks.data.reader import make_dataset
 
     tf.constant(0)  # TensorFlow's one-time start-up is not ingestion
     rates = []
@@ -74,7 +74,7 @@ def ingest_scale(args: dict) -> dict:
     """One ingest of a Parquet source into a fresh root: images/s and the process's peak RSS."""
     import tensorflow as tf
 
-    from tasks.ingest import ingest as run_ingest
+    from tasks.data.ingest import ingest as run_ingest
 
     tf.constant(0)  # TensorFlow's one-time start-up is not ingestion
     with tempfile.TemporaryDirectory() as root:
@@ -91,11 +91,11 @@ def train(args: dict) -> dict:
     root = args["root"]
     overrides = args.get("overrides", [])
     cfg = _config(root, *overrides)
-    from tasks.devices import configure_devices
+    from tasks.distributed.devices import configure_devices
 
     configure_devices(cfg.train)
-    from tasks.ingest import ingest as run_ingest
-    from tasks.train import train as run_train
+    from tasks.data.ingest import ingest as run_ingest
+    from tasks.train.stage import train as run_train
 
     dataset = run_ingest(cfg.data, cfg.artifacts.root)
     started = time.perf_counter()
@@ -120,8 +120,8 @@ def train_pairs(args: dict) -> dict:
     import keras
 
     from bench.bare_keras import EpochTimer, basic_cnn, load
-    from tasks.ingest import ingest as run_ingest
-    from tasks.train import train as run_train
+    from tasks.data.ingest import ingest as run_ingest
+    from tasks.train.stage import train as run_train
 
     class CpuIdle(keras.callbacks.Callback):
         """The fraction of all CPUs' time spent idle during each epoch (from /proc/stat)."""
@@ -255,12 +255,12 @@ def _cpu_times() -> list[int]:
 
 def predict(args: dict) -> dict:
     """The predict stage (Parquet in, Parquet out) against raw model.predict on the same images in memory."""
-    from pipeline_config import load_config
-    from tasks.images import decode_images
-    from tasks.predict import predict as run_predict
-    from tasks.model import load_model
-
     import pyarrow.parquet as pq
+
+    from pipeline_config import load_config
+    from tasks.data.columns import decode_images
+    from tasks.model.published import load_model
+    from tasks.serve.predict import predict as run_predict
 
     cfg = load_config(overrides=[f"artifacts.root={args['root']}"])
     table = pq.read_table(args["input"])
@@ -298,7 +298,7 @@ def predict(args: dict) -> dict:
 def predict_memory(args: dict) -> dict:
     """Peak RSS of one predict-stage run over the given input."""
     from pipeline_config import load_config
-    from tasks.predict import predict as run_predict
+    from tasks.serve.predict import predict as run_predict
 
     cfg = load_config(overrides=[f"artifacts.root={args['root']}"])
     with tempfile.TemporaryDirectory() as out:

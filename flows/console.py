@@ -143,8 +143,6 @@ def quiet_python_logs() -> None:
         logging.getLogger(name).addFilter(NO_TRACEBACK_FOR_USER_ERRORS)
 
 
-
-
 def quiet_child_logs() -> None:
     """In a process a quiet CLI started: a user error's traceback stays out of the shared stderr there too."""
     if os.environ.get(QUIET_ENV) == "1":

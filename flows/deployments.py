@@ -8,11 +8,11 @@ from typing import Any
 
 from prefect import serve
 
+from flows.policy import POLICY_ENV, ServePolicy
 from flows.prediction import batch_prediction
 from flows.training import training_pipeline
 from flows.tuning import tuning_flow
 from pipeline_config import PipelineConfig
-from tasks.policy import POLICY_ENV, ServePolicy
 
 TRAINING_DEPLOYMENT = "scheduled-training"
 PREDICTION_DEPLOYMENT = "on-demand"
@@ -44,6 +44,6 @@ def serve_policy(cfg: PipelineConfig, config_file: str | None, overrides: dict[s
 
 def serve_deployments(cfg: PipelineConfig, config_file: str | None, overrides: dict[str, Any]) -> None:
     # The flow runs this process starts inherit its environment, which no API caller can touch: the policy they
-    # check every call's parameters against (tasks/policy.py).
+    # check every call's parameters against (flows/policy.py).
     os.environ[POLICY_ENV] = serve_policy(cfg, config_file, overrides).to_env()
     serve(*build_deployments(cfg, config_file, overrides), limit=1)

@@ -10,19 +10,21 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import dashboard
 from flows.dask_cluster import dask_runner, threads_per_worker
+from flows.policy import served_call
 from flows.retry import retry_transient
 from pipeline_config import PipelineConfig, load_config
-from tasks import parts, storage
-from tasks.artifacts import PredictionArtifact
+from tasks.data.inputs import PredictionInput, prediction_input
 from tasks.errors import PipelineError
-from tasks.policy import served_call
-from tasks.drift import drift_path
+from tasks.serve import parts
+from tasks.store import storage
+from tasks.store.refs import PredictionArtifact
+from tasks.validation.drift import drift_path
 
 
 @task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def batch_predict_task(config_file: str | None, overrides: dict[str, Any] | None, model: str, input: str,
                        output: str, allow_unblessed: bool, overwrite: bool) -> PredictionArtifact:
-    from tasks import predict as predict_stage  # TensorFlow loads here: a refused served call never waits for it
+    from tasks.serve import predict as predict_stage  # TensorFlow loads here: a refused served call never waits for it
 
     cfg = load_config(config_file, overrides)
     return predict_stage.predict(cfg, model, input, output, allow_unblessed=allow_unblessed, overwrite=overwrite)
@@ -30,7 +32,7 @@ def batch_predict_task(config_file: str | None, overrides: dict[str, Any] | None
 
 @task(name="predict-file", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def predict_file_task(config_file: str | None, overrides: dict[str, Any] | None, model_fingerprint: str,
-                      input_file: str, output_dir: str, threads: int, overwrite: bool) -> dict:
+                      input_file: PredictionInput, output_dir: str, threads: int, overwrite: bool) -> dict:
     """One input file into its part, on a Dask worker (which keeps the model loaded for its next files)."""
     cfg = load_config(config_file, overrides)
     return parts.predict_part(cfg, model_fingerprint, input_file, output_dir, threads, overwrite)
@@ -41,7 +43,7 @@ def batch_prediction(model: str = "champion", input: str = "data/mnist/test.parq
                      allow_unblessed: bool = False, config_file: str | None = None,
                      overrides: dict[str, Any] | None = None, overwrite: bool = False) -> PredictionArtifact | dict:
     """`overwrite` replaces an existing output, only one tfpipe wrote. Served by `tfpipe serve`, every parameter
-    is checked first against its `serve` settings (tasks/policy.py)."""
+    is checked first against its `serve` settings (flows/policy.py)."""
     config_file, overrides = served_call(config_file, overrides, model=model, input=input, output=output,
                                          allow_unblessed=allow_unblessed, overwrite=overwrite)
     cfg = load_config(config_file, overrides)
@@ -65,7 +67,7 @@ def _on_dask(cfg: PipelineConfig, config_file, overrides, model: str, input: str
     """Resolve the model and the files once, then score the files on the cluster as a subflow whose task runner
     is Dask (an existing scheduler, or a LocalCluster of processes with one thread each)."""
     fingerprint = parts.resolve_blessed(cfg, model, allow_unblessed)
-    files = parts.input_files(cfg, input)
+    files = parts.input_files(cfg, prediction_input(cfg.artifacts.root, input))
     workers = cfg.predict.dask_workers or parts.default_workers()
     runner = dask_runner(cfg.predict.dask_address, workers)
     return score_files.with_options(task_runner=runner)(config_file, overrides, fingerprint, files, output,
@@ -85,11 +87,11 @@ def drift_lines(path: str | None) -> list[str]:
 
 
 @flow(name="batch-prediction-dask")
-def score_files(config_file: str | None, overrides: dict[str, Any] | None, model_fingerprint: str, files: list[str],
-                output_dir: str, threads: int, overwrite: bool = False) -> dict:
+def score_files(config_file: str | None, overrides: dict[str, Any] | None, model_fingerprint: str,
+                files: list[PredictionInput], output_dir: str, threads: int, overwrite: bool = False) -> dict:
     cfg = load_config(config_file, overrides)
-    futures = {f: predict_file_task.submit(config_file, overrides, model_fingerprint, f, output_dir, threads, overwrite)
-               for f in files}
+    futures = {f.given: predict_file_task.submit(config_file, overrides, model_fingerprint, f, output_dir, threads,
+                                                 overwrite) for f in files}
     done, failures = [], []
     for input_file, future in futures.items():
         future.wait()

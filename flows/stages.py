@@ -14,16 +14,16 @@ from prefect.states import Completed, State
 from flows import dashboard
 from flows.retry import retry_transient
 from pipeline_config import PipelineConfig
-from tasks import evaluate as evaluate_stage
-from tasks import predict as predict_stage
-from tasks import train as train_stage
-from tasks import validate as validate_stage
-from tasks import storage
-from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, class_names
-from tasks.model_card import CARD_MD
-from tasks.storage import join
-from tasks.validate import ValidationArtifact
-from tasks.worker import ingest_for
+from tasks.train.worker import ingest_for
+from tasks.evaluate import stage as evaluate_stage
+from tasks.evaluate.model_card import CARD_MD
+from tasks.serve import predict as predict_stage
+from tasks.store import storage
+from tasks.store.refs import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact,
+                              ValidationArtifact, class_names)
+from tasks.store.storage import join
+from tasks.train import stage as train_stage
+from tasks.validation import validate as validate_stage
 
 
 def resolved(value):

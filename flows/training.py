@@ -9,15 +9,14 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows import dashboard
+from flows.policy import served_call
 from flows.stages import evaluate_task, ingest_task, predict_task, report_task, resolved, train_task, validate_task
 from pipeline_config import PipelineConfig, load_config
-from tasks.artifacts import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact
-from tasks.cluster import cluster_from_env
-from tasks.devices import configure_devices
-from tasks.model import check_model_config
-from tasks.policy import served_call
-from tasks.storage import check_reachable
-from tasks.validate import ValidationArtifact
+from tasks.distributed.cluster import cluster_from_env
+from tasks.distributed.devices import configure_devices
+from tasks.model.build import check_model_config
+from tasks.store.refs import DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact, ValidationArtifact
+from tasks.store.storage import check_reachable
 
 
 class RunSummary(BaseModel):

@@ -13,16 +13,17 @@ from pydantic import BaseModel
 
 from flows import dashboard
 from flows.dask_cluster import dask_runner, threads_per_worker
+from flows.policy import served_call
 from flows.stages import evaluate_task, ingest_task, resolved, validate_task
 from pipeline_config import PipelineConfig, load_config
-from tasks import tuning
-from tasks.artifacts import EvaluationArtifact, ModelArtifact, find_published, stage_dir
-from tasks.devices import configure_devices
+from tasks.distributed.devices import configure_devices
 from tasks.errors import PipelineError, first_line
-from tasks.lease import stage_lease
-from tasks.model import check_model_config
-from tasks.policy import served_call
-from tasks.storage import check_reachable, join
+from tasks.model.build import check_model_config
+from tasks.store.lease import stage_lease
+from tasks.store.publish import find_published, stage_dir
+from tasks.store.refs import EvaluationArtifact, ModelArtifact
+from tasks.store.storage import check_reachable, join
+from tasks.tune import study as tuning
 
 
 class TuneSummary(BaseModel):
@@ -80,7 +81,7 @@ def tuning_flow(config_file: str | None = None, overrides: dict[str, Any] | None
 @task(name="trial", cache_policy=NO_CACHE)
 def trial_task(config_file: str | None, overrides: dict[str, Any] | None, number: int, params: dict[str, Any],
                threads: int) -> dict:
-    from tasks.trial import run_trial  # TensorFlow loads on the worker, once
+    from tasks.tune.trial import run_trial
 
     return run_trial(config_file, overrides, number, params, threads)
 
@@ -124,8 +125,8 @@ def _deadline(cfg: PipelineConfig) -> float:
 @task(name="export-best", cache_policy=NO_CACHE)
 def export_task(cfg: PipelineConfig, fp: str) -> ModelArtifact:
     """The best trial's model with the configured serving formats (trials publish model.keras alone)."""
-    from tasks.export import export_published, missing_formats
-    from tasks.train import model_artifact
+    from tasks.serve.export import export_published, missing_formats
+    from tasks.store.refs import model_artifact
 
     manifest = find_published(cfg.artifacts.root, "train", fp)
     if manifest is None:

@@ -105,7 +105,7 @@ def log_evaluation(cfg: PipelineConfig, model_fingerprint: str, metrics: dict, c
             return
         tracker.client, tracker.run_id = client, runs[0].info.run_id
         tracker._log(metrics={f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        from tasks.artifacts import local_file
+        from tasks.store.staging import local_file
 
         client.log_artifact(tracker.run_id, local_file(card_path, cfg.artifacts.local_cache))
 

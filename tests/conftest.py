@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import os
 import pwd
 import shutil
@@ -23,7 +24,7 @@ for _name in [n for n in os.environ if n.startswith("TFPIPE__")]:
     os.environ.pop(_name)
 # Serving formats only where a test names them (export.formats): each costs a check in a process of its own,
 # seconds per training, and most tests are about something else. The environment reaches every process a test
-# starts; a test's --set or overrides beat it (tests/test_newcomer.py runs without it: a new user's defaults).
+# starts; a test's --set or overrides beat it (tests/flows/test_newcomer.py runs without it: a new user's defaults).
 os.environ["TFPIPE__EXPORT__FORMATS"] = "[]"
 
 import flows  # noqa: E402,F401  (environment defaults)
@@ -35,13 +36,14 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # Multi-replica tests mirror over two logical CPU devices; this must happen before the first TF op.
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 from pipeline_config import PipelineConfig, load_config  # noqa: E402
-from tasks.cluster import free_port  # noqa: E402
+from tasks.distributed.cluster import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO / "data" / "mnist"
@@ -176,8 +178,8 @@ def root(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One tiny model trained once for the evaluate/predict tests: (config, dataset, model artifact)."""
-    from tasks.ingest import ingest
-    from tasks.train import train
+    from tasks.data.ingest import ingest
+    from tasks.train.stage import train
 
     root = tmp_path_factory.mktemp("trained") / "artifacts"
     cfg = make_config(root, "data.limit=1200", "train.epochs=2", "train.batch_size=64", "evaluate.min_accuracy=0.3",
@@ -338,3 +340,25 @@ def postgres():
         subprocess.run(as_postgres_user([pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "stop"]), capture_output=True,
                        timeout=60)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ photos
+
+def photo(rng, height: int, width: int, hue: int) -> np.ndarray:
+    """A photo-like RGB image: a smooth gradient in the class's colour with noise."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.zeros((height, width, 3), np.float64)
+    base[..., hue] = 120 + 100 * np.sin(x / max(width, 1) * 3.1) * np.cos(y / max(height, 1) * 2.3)
+    base += rng.normal(0, 12, base.shape)
+    return base.clip(0, 255).astype(np.uint8)
+
+
+def save(image: Image.Image, path, fmt: str, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt, **kwargs)
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=95)
+    return out.getvalue()

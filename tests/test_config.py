@@ -126,7 +126,7 @@ def test_schema_holds_every_default_and_default_yaml_is_a_copy_of_it():
 
 def test_config_with_no_file_builds_the_seed_model():
     from pipeline_config import PipelineConfig
-    from tasks.model import build_model
+    from tasks.model.build import build_model
 
     model = build_model(PipelineConfig().model, [28, 28, 1], 10, "sparse_categorical_crossentropy")
     assert model.count_params() == 697_386  # the seed's basic_cnn on MNIST

@@ -8,21 +8,19 @@ import logging
 import os
 import shutil
 import signal
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import tensorflow as tf
 
 from pipeline_config import PipelineConfig
-from tasks import storage
-from tasks.artifacts import MODEL_FILE, remove_tree
 from tasks.errors import Stopped
-from tasks.model import portable_copy
-from tasks.storage import join
+from tasks.model.published import portable_copy
+from tasks.store import storage
+from tasks.store.publish import MODEL_FILE, remove_tree
+from tasks.store.storage import join
 from tasks.train.optimization import current_learning_rate
+from tasks.train.run import TrainingRun
 from tasks.train.watches import EarlyStopping, Plateau
-
-if TYPE_CHECKING:
-    from tasks.train.setup import TrainingRun
 
 log = logging.getLogger("tfpipe.train")
 STAGE = "train"
@@ -183,7 +181,7 @@ def pull_mirror(mirror: str, work: str) -> None:
 
 def save_outputs(run: TrainingRun, recorder: EpochRecorder, out: str, extra: dict):
     """model.keras, history.json and the TensorBoard logs, into `out`; returns the model as saved (the serving
-    formats are made from it: tasks/export.py)."""
+    formats are made from it: tasks/serve/export.py)."""
     model = portable_copy(run.model)  # loads with plain keras.saving.load_model, custom metrics left behind
     model.save(join(out, MODEL_FILE))
     storage.write_json(join(out, "history.json"), {"epochs": recorder.history, **run.facts(), **extra})

@@ -19,7 +19,7 @@ from tasks.progress import on_terminal, progress_bar
 from tasks.train.checkpoints import EpochRecorder
 from tasks.train.objectives import make_loss, make_metrics
 from tasks.train.phases import phase_at
-from tasks.train.setup import TrainingRun
+from tasks.train.run import TrainingRun
 
 log = logging.getLogger("tfpipe.train")
 

@@ -4,21 +4,18 @@ optimizer of its own (its rate and schedule over its epochs); every phase's opti
 run stopped in phase 2 resumes in phase 2. A frozen layer is frozen the Keras way (`trainable = False`): its
 BatchNormalization layers then run in inference mode, their statistics untouched. Without phases a run is one
 phase that trains every layer, as before. Also here: starting from another model's weights (`train.init_from`).
+BatchNormalization's own treatment across replicas and after training is in batch_norm.py.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import keras
 
-from pipeline_config import ConfigError, ModelConfig, PhaseConfig, PipelineConfig, TrainConfig
-from tasks.backbones import BACKBONE_LAYER
+from pipeline_config import ConfigError, PhaseConfig, PipelineConfig, TrainConfig
 from tasks.errors import PipelineError
-
-if TYPE_CHECKING:
-    from tasks.train.setup import TrainingRun
+from tasks.model.backbones import BACKBONE_LAYER
 
 log = logging.getLogger("tfpipe.train")
 HEAD_LAYERS = ("pool", "head_dropout", "logits", "probabilities")  # what model.build_model puts after the body
@@ -82,48 +79,6 @@ def _set_everywhere(model: keras.Model, trainable: bool) -> None:
     were set one by one."""
     for layer in all_layers(model):
         layer.trainable = trainable
-
-
-def synchronise_batch_norm(model: keras.Model) -> int:
-    """Every BatchNormalization layer computes its batch statistics over the global batch (an all-reduce across
-    replicas), so the replicas' moving statistics stay equal. Unsynchronised (keras.applications' default),
-    each replica's moving mean and variance follow its own part of the batches and the saved model holds the
-    first replica's alone. Returns how many layers it set."""
-    layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in layers:
-        layer.synchronized = True
-    return len(layers)
-
-
-def uses_batch_norm(model_cfg: ModelConfig) -> bool:
-    return model_cfg.backbone is not None or any(spec.type == "BatchNormalization" for spec in model_cfg.layers)
-
-
-def recalibrate_batch_norm(run: TrainingRun) -> None:
-    """The moving mean and variance of every BatchNormalization layer that trained, recomputed with the final
-    weights: the average of their batch statistics over `train.bn_recalibration_batches` training batches (in
-    the seeded order of an epoch after the last, without augmentation), as "precise BN" does. During training
-    the moving averages (momentum 0.99-0.999 in keras.applications) trail weights that keep changing; a network
-    trained from scratch in a few epochs can then predict one class in inference mode while it is right in
-    training mode. Layers frozen in the last phase keep their statistics."""
-    from tasks.reader import make_dataset
-    from tasks.train.objectives import LABEL_MODES
-
-    tc = run.cfg.train
-    layers = [layer for layer in all_layers(run.model)
-              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    if not layers or not tc.bn_recalibration_batches:
-        return
-    momentum = [layer.momentum for layer in layers]
-    batches = make_dataset(run.dataset, "train", tc.batch_size, shuffle_buffer=run.cfg.data.shuffle_buffer,
-                           seed=tc.seed + tc.epochs, label_mode=LABEL_MODES[tc.loss])
-    for count, (images, _) in enumerate(batches.take(tc.bn_recalibration_batches)):
-        for layer in layers:
-            layer.momentum = count / (count + 1)  # the first batch replaces the statistics, the rest average in
-        run.model(images, training=True)
-    for layer, value in zip(layers, momentum):
-        layer.momentum = value
-    log.info("BatchNormalization statistics of %d layers recomputed on %d training batches", len(layers), count + 1)
 
 
 def check_phase_layers(cfg: PipelineConfig, model: keras.Model) -> None:

@@ -11,21 +11,23 @@ from typing import Callable
 import tensorflow as tf
 
 from pipeline_config import PipelineConfig, fingerprint
-from tasks.artifacts import (MODEL_FILE, DatasetArtifact, ModelArtifact, Published, find_published, remove_tree,
-                             reuse_or_publish, stage_dir)
-from tasks.cluster import barrier, lost_worker_errors, run_local_workers, worker_role
-from tasks.devices import make_strategy, resolve_precision
+from tasks.distributed.cluster import barrier, lost_worker_errors, run_local_workers, worker_role
+from tasks.distributed.devices import make_strategy
 from tasks.errors import PipelineError, Stopped, first_line
-from tasks.export import export_formats, export_published, missing_formats
-from tasks.backbones import weights_fingerprint
-from tasks.model import RAW_PIXELS
-from tasks.storage import join
-from tasks.tracking import Tracker
+from tasks.model.backbones import weights_fingerprint
+from tasks.model.precision import resolve_precision
+from tasks.model.published import RAW_PIXELS
+from tasks.serve.export import export_formats, export_published, missing_formats
+from tasks.store.publish import MODEL_FILE, Published, find_published, remove_tree, reuse_or_publish, stage_dir
+from tasks.store.refs import DatasetArtifact, ModelArtifact, model_artifact
+from tasks.store.storage import join
+from tasks.train.batch_norm import recalibrate_batch_norm, uses_batch_norm
 from tasks.train.checkpoints import STAGE, EpochCallback, EpochRecorder, clear_work, save_outputs, work_dir
 from tasks.train.loops import run_epochs, weights_digest
 from tasks.train.objectives import METRIC_NAMES
-from tasks.train.phases import recalibrate_batch_norm, uses_batch_norm
-from tasks.train.setup import TrainingRun, init_source, start_run
+from tasks.train.run import TrainingRun
+from tasks.train.setup import init_source, start_run
+from tasks.tracking import Tracker
 
 log = logging.getLogger("tfpipe.train")
 
@@ -53,16 +55,11 @@ def train_fingerprint(cfg: PipelineConfig, dataset: DatasetArtifact, precision: 
                         "code": TRAIN_CODE_VERSION})
 
 
-def model_artifact(uri: str, manifest: dict, cache_hit: bool) -> ModelArtifact:
-    fields = {k: manifest[k] for k in ModelArtifact.model_fields if k in manifest and k not in ("uri", "cache_hit")}
-    return ModelArtifact(uri=uri, cache_hit=cache_hit, **fields)
-
-
 def train(cfg: PipelineConfig, dataset: DatasetArtifact, on_epoch: EpochCallback | None = None) -> ModelArtifact:
     """Train (or reuse) the model for this config and dataset; returns the published ModelArtifact.
 
     Under multi_worker the strategy must exist before any other TensorFlow op of the process: the worker entry
-    points create it first (tasks/worker.py), and `make_strategy` here returns that one.
+    points create it first (worker.py), and `make_strategy` here returns that one.
     """
     precision = resolve_precision(cfg.train.precision)
     fp = train_fingerprint(cfg, dataset, precision[0])

@@ -4,13 +4,11 @@ tf.Variables that the checkpoint holds, so a resumed run decides as an uninterru
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
-if TYPE_CHECKING:
-    from tasks.train.setup import TrainingRun
+from tasks.train.run import TrainingRun
 
 log = logging.getLogger("tfpipe.train")
 
