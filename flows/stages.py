@@ -16,7 +16,7 @@ from flows.retry import retry_transient
 from pipeline_config import PipelineConfig
 from tasks.train.worker import ingest_for
 from tasks.evaluate import stage as evaluate_stage
-from tasks.evaluate.model_card import CARD_MD
+from tasks.evaluate.model_card import CARD_MD, pixel_parity_line
 from tasks.serve import predict as predict_stage
 from tasks.store import storage
 from tasks.store.refs import (DatasetArtifact, EvaluationArtifact, ModelArtifact, PredictionArtifact,
@@ -164,6 +164,8 @@ def report_markdown(dataset: DatasetArtifact, model: ModelArtifact, evaluation: 
         *[f"| {name} | `{entry['path']}` | {figures['label_agreement']:.2%} of {figures['samples']} | "
           f"{figures['max_abs_diff']:.2g} |" for name, entry in model.exports.items()
           for figures in [entry["parity"]]],
+        *([pixel_parity_line(model.exports["saved_model"]["parity_pixels"])]
+          if "parity_pixels" in model.exports.get("saved_model", {}) else []),
         "## Artifacts",
         f"- dataset: `{dataset.uri}`",
         f"- model: `{join(model.uri, model.model_path)}`; its card: `{join(model.uri, CARD_MD)}`"

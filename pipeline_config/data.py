@@ -52,7 +52,10 @@ class DataConfig(Section):
     resize: Literal["stretch", "crop", "pad"] = Field(
         "stretch", description="to image_size: stretch | crop (centre, to the aspect ratio) | pad (fit, then black)")
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "area"] = Field(
-        "bilinear", description="the resize filter (antialiased when shrinking)")
+        "bilinear", description="the resize filter (antialiased when a side shrinks two-fold or more)")
+    max_image_pixels: int = Field(120_000_000, ge=1, description="an encoded image whose header declares more "
+                                  "pixels is refused before it is decoded (at ingest, prediction and serving): "
+                                  "100 MP photos pass, a 12,000 x 12,000 decompression bomb does not")
     color_mode: Literal["auto", "rgb", "grayscale"] = Field(
         "auto", description="auto: a folder is rgb when any image has colour; other sources keep each image's own")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="folder with no train/ and test/: the share "

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.errors import PipelineError
-from tasks.preprocess.decode import decode_image, to_format
+from tasks.preprocess.decode import decode_many, to_format
 from tasks.preprocess.image_format import IMAGE_MAGIC, ImageFormat
 
 
@@ -26,14 +26,20 @@ def normalise_shape(shape: list[int] | tuple[int, ...] | None) -> list[int] | No
 
 
 def _decode_encoded(blobs: list[bytes | None], shape: list[int] | None, where: str, fmt: ImageFormat) -> np.ndarray:
-    """Encoded images (tasks/preprocess/decode.py): resized to fmt.size when set; else every one must have `shape`
-    (or the first image's shape when none is set)."""
+    """Encoded images (tasks/preprocess/decode.py), decoded together: resized to fmt.size when set; else every one
+    must have `shape` (or the first image's shape when none is set)."""
+    rows = [f"{where}: row {i}" for i in range(len(blobs))]
+    empty = [row for row, blob in zip(rows, blobs) if blob is None]
+    if empty:
+        raise PipelineError(f"{empty[0]} has no image: drop empty rows before ingesting")
     images = []
-    for i, blob in enumerate(blobs):
-        row = f"{where}: row {i}"
-        if blob is None:
-            raise PipelineError(f"{row} has no image: drop empty rows before ingesting")
-        img = decode_image(blob, row, fmt, shape)
+    for row, result in zip(rows, decode_many(blobs, rows, fmt)):
+        if isinstance(result, PipelineError):
+            raise result
+        img = result[0]
+        if fmt.size is None and shape is not None and list(img.shape[:2]) != list(shape[:2]):
+            raise PipelineError(f"{row} is {img.shape[0]}x{img.shape[1]} pixels, expected {shape[0]}x{shape[1]}: set "
+                                "data.image_size to resize the images to one shape (or fix data.image_shape)")
         if shape is not None and len(shape) == 3 and list(img.shape) != shape:
             raise PipelineError(f"{row} decodes to {list(img.shape)}, expected {shape}: store every image with "
                                 "the same channels (or set data.color_mode)")
@@ -56,10 +62,11 @@ def _check_length(length: int, shape: list[int] | None, where: str) -> list[int]
 
 
 def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, where: str,
-                  fmt: ImageFormat | None = None) -> np.ndarray:
+                  fmt: ImageFormat | None = None, arrays: ImageFormat | None = None) -> np.ndarray:
     """uint8 array [n, height, width, channels] from an image column, whatever its encoding; images of any size
     made the format's size (data.image_size, encoded or raw)."""
     fmt = fmt or ImageFormat()
+    arrays = arrays or fmt  # raw pixels (prediction: as serving_default takes them), encoded images as `fmt`
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     shape = normalise_shape(shape)
@@ -70,11 +77,11 @@ def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, w
     if pa.types.is_struct(kind):
         if kind.get_field_index("bytes") < 0:
             raise PipelineError(f"{where}: image struct has no 'bytes' field: expected the Hugging Face image struct {{bytes, path}}")
-        return decode_images(column.field("bytes"), shape, where, fmt)
+        return decode_images(column.field("bytes"), shape, where, fmt, arrays)
     if pa.types.is_fixed_size_binary(kind):
         shape = _check_length(kind.byte_width, shape, where)
         data = np.frombuffer(column.buffers()[1], np.uint8, count=n * kind.byte_width, offset=column.offset * kind.byte_width)
-        return to_format(data.reshape(n, *shape), fmt)
+        return to_format(data.reshape(n, *shape), arrays)
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         if n == 0:
             return np.zeros((0, *(shape or [0, 0, 1])), np.uint8)
@@ -90,7 +97,7 @@ def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, w
                                 "every image must have the same number of pixels")
         shape = _check_length(int(lengths[0]), shape, where)
         data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
-        return to_format(data.reshape(n, *shape), fmt)
+        return to_format(data.reshape(n, *shape), arrays)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         values = column.flatten()
         while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type):
@@ -111,7 +118,7 @@ def decode_images(column: pa.Array | pa.ChunkedArray, shape: list[int] | None, w
         arr = values.to_numpy(zero_copy_only=False)
         if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
             raise PipelineError(f"{where}: pixel values outside 0..255: store uint8 pixels")
-        return to_format(arr.astype(np.uint8).reshape(n, *shape), fmt)
+        return to_format(arr.astype(np.uint8).reshape(n, *shape), arrays)
     raise PipelineError(f"{where}: image column of type {kind} is not supported: use raw uint8 bytes, "
                         "a list of numbers, or encoded image bytes (PNG, JPEG, GIF, BMP, WebP)")
 

@@ -15,6 +15,7 @@ Files go in sorted path order, `data.ingest_batch_rows` at a time (fewer when th
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pyarrow as pa
 
@@ -23,7 +24,7 @@ from tasks.data.image_files import Entry, image_batches, visible_files
 from tasks.data.splits import TEST_SALT, below, key_hashes
 from tasks.data.streams import Source, SplitStream
 from tasks.errors import PipelineError
-from tasks.preprocess.decode import open_image
+from tasks.preprocess.decode import image_mode
 from tasks.preprocess.image_format import GRAY_MODES, configured_channels, image_format
 from tasks.store import storage
 
@@ -48,7 +49,8 @@ def folder_source(root: str, cfg: DataConfig) -> Source:
         raise PipelineError(f"{root}: no labelled image files for the train split: {LAYOUT}")
     channels = configured_channels(cfg) or colour_channels(root, found["train"] + found["test"])
     fmt = image_format(cfg, channels)
-    report.update(image_format=fmt.settings(), class_names=names, skipped=[], not_images=[], source_sizes={})
+    report.update(image_format=fmt.settings(), class_names=names, skipped=[], not_images=[], source_sizes={},
+                  files_root=os.path.abspath(root) if storage.is_local(root) else root)
     splits = {}
     for split, entries in found.items():
         entries = entries[: cfg.limit] if cfg.limit else entries
@@ -139,15 +141,12 @@ def read_labels_file(path: str) -> dict[str, list]:
 
 
 def colour_channels(root: str, entries: list[Entry]) -> int:
-    """color_mode auto: 3 (rgb) when any image has colour, by its header alone (the first 64 KiB of the file),
-    else 1 (grayscale)."""
+    """color_mode auto: 3 (rgb) when any image has colour, by its header alone (Pillow reads as much of a file as
+    its format's header needs: an ICC profile or XMP of any size before the frame), else 1 (grayscale)."""
     for rel, _ in entries:
-        try:
-            with storage.open_file(storage.join(root, rel)) as f:
-                if open_image(f.read(1 << 16), rel).mode not in GRAY_MODES:
-                    return 3
-        except PipelineError:  # not an image, or a bad one: reading the batches decides what to do with it
-            continue
+        with storage.open_file(storage.join(root, rel)) as f:
+            if image_mode(f) not in GRAY_MODES | {None}:  # None: not an image, or a bad one: ingest decides
+                return 3
     return 1
 
 

@@ -7,9 +7,7 @@ counted; a broken image fails naming it or, with `data.on_bad_image: skip`, is l
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -17,16 +15,16 @@ import pyarrow as pa
 
 from pipeline_config import DataConfig
 from tasks.data.streams import Batch
-from tasks.errors import PipelineError
-from tasks.preprocess.decode import decode_image_sized
+from tasks.errors import PipelineError, first_line
+from tasks.preprocess.decode import decode_many
 from tasks.preprocess.image_format import ImageFormat, NotAnImage
 from tasks.store import storage
 
 log = logging.getLogger("tfpipe.data")
 Entry = tuple[str, int]  # (path relative to the folder, label)
 BATCH_BYTES = 64 << 20  # a batch's decoded pixels at most: ingest memory stays flat whatever the image size
-FILES_A_TASK = 16  # files a decoding process takes at a time (one round trip each)
-_pool: dict = {}  # the decoding processes, and the environment they were started with
+ENCODED_BYTES = 256 << 20  # files' bytes held at once for decoding (24 MP JPEGs are 5-12 MB each)
+READERS = 8  # files read at once
 
 
 def is_hidden(rel: str) -> bool:
@@ -39,40 +37,40 @@ def visible_files(root: str) -> dict[str, str]:
     return {rel: identity for rel, identity in storage.identities_under(root).items() if not is_hidden(rel)}
 
 
-def _decoders() -> Executor:
-    """Processes that read and decode image files, one per core. Processes, not threads: Pillow's decoders release
-    the GIL, but opening, orienting and converting an image is Python: two threads decoded 1.08x one thread, two
-    processes 1.68x (bench.folders, 2 cores). Spawned, not forked (this process runs TensorFlow's threads); in a
-    process that may not have children (a daemon), threads. Started again when the environment changed (a
-    bucket's credentials and endpoint come from it)."""
-    environment = tuple(sorted(os.environ.items()))
-    if _pool.get("environment") != environment:
-        if "executor" in _pool:
-            _pool["executor"].shutdown(wait=False)
-        workers = os.cpu_count() or 1
-        _pool["executor"] = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tfpipe-decode")
-                             if multiprocessing.current_process().daemon else
-                             ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")))
-        _pool["environment"] = environment
-    return _pool["executor"]
+def _read(root: str, rel: str) -> bytes | PipelineError:
+    try:
+        with storage.open_file(storage.join(root, rel)) as f:
+            return f.read()
+    except OSError as exc:  # gone since the listing, no permission, a bucket's refusal
+        return PipelineError(f"{root}/{rel} cannot be read ({first_line(exc)}): check the file")
 
 
-def _read_and_decode(root: str, rels: list[str], fmt: ImageFormat) -> list:
-    """For each file: (pixels, source (height, width)), or the PipelineError that says why not."""
-    results = []
-    for rel in rels:
-        try:
-            with storage.open_file(storage.join(root, rel)) as f:
-                results.append(decode_image_sized(f.read(), f"{root}/{rel}", fmt))
-        except PipelineError as exc:
-            results.append(exc)
+def _decoded(root: str, rels: list[str], fmt: ImageFormat) -> list:
+    """For each file: (pixels, its own (height, width)), or the PipelineError that says why not. Files are read by
+    threads (a bucket's round trips overlap) and decoded together on every core, ENCODED_BYTES at a time."""
+    results: list = []
+    group: list[tuple[str, bytes]] = []
+
+    def decode_group() -> None:
+        names = [f"{root}/{rel}" for rel, _ in group]
+        results.extend(decode_many([blob for _, blob in group], names, fmt))
+        group.clear()
+
+    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="tfpipe-read") as readers:
+        for start in range(0, len(rels), READERS):
+            window = rels[start: start + READERS]
+            for rel, blob in zip(window, readers.map(lambda rel: _read(root, rel), window)):
+                if isinstance(blob, PipelineError):
+                    if group:
+                        decode_group()
+                    results.append(blob)
+                    continue
+                group.append((rel, blob))
+                if sum(len(b) for _, b in group) >= ENCODED_BYTES:
+                    decode_group()
+    if group:
+        decode_group()
     return results
-
-
-def _decoding(root: str, chunk: list[Entry], fmt: ImageFormat) -> list[Future]:
-    rels = [rel for rel, _ in chunk]
-    return [_decoders().submit(_read_and_decode, root, rels[i: i + FILES_A_TASK], fmt)
-            for i in range(0, len(rels), FILES_A_TASK)]
 
 
 def batch_rows(cfg: DataConfig, fmt: ImageFormat) -> int:
@@ -89,42 +87,56 @@ def image_batches(root: str, entries: list[Entry], fmt: ImageFormat, cfg: DataCo
     while this one is written. Files of no image format are skipped and counted in `report`."""
     kept, bad, shape = 0, 0, None
     rows = batch_rows(cfg, fmt)
-    chunks = [entries[start: start + rows] for start in range(0, len(entries), rows)]
-    pending = _decoding(root, chunks[0], fmt) if chunks else []
-    for number, chunk in enumerate(chunks):
-        results = [result for task in pending for result in task.result()]
-        pending = _decoding(root, chunks[number + 1], fmt) if number + 1 < len(chunks) else []
-        images, labels, paths = [], [], []
-        for (rel, label), result in zip(chunk, results):
-            if isinstance(result, NotAnImage):
-                report["not_images"].append(rel)
-                continue
-            if isinstance(result, PipelineError):
-                if cfg.on_bad_image == "fail":
-                    raise PipelineError(f"{result} (data.on_bad_image=skip leaves bad images out)")
-                bad += 1
-                report["skipped"].append({"path": rel, "why": str(result)})
-                continue
-            pixels, source_size = result
-            if shape is None:
-                shape = pixels.shape
-            elif pixels.shape != shape:
-                raise PipelineError(f"{root}/{rel} is {list(pixels.shape)}, the images before it {list(shape)}: set "
-                                    "data.image_size (and data.color_mode) to make the images one shape")
-            histogram = report["source_sizes"]
-            bucket = size_bucket(source_size)
-            histogram[bucket] = histogram.get(bucket, 0) + 1
-            images.append(pixels)
-            labels.append(label)
-            paths.append(rel)
-        if bad > cfg.max_bad_fraction * len(entries):
-            raise PipelineError(f"{root}: {bad} of {len(entries)} images cannot be decoded, more than "
-                                f"data.max_bad_fraction={cfg.max_bad_fraction:g} (see the first: "
-                                f"{report['skipped'][0]['why']})")
-        if images:
-            where = f"{root} files {paths[0]}..{paths[-1]}"
-            yield Batch(np.stack(images), np.asarray(labels, np.int64), kept, where, {"path": pa.array(paths)})
-            kept += len(images)
+    chunks = [[rel for rel, _ in entries[start: start + rows]] for start in range(0, len(entries), rows)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfpipe-decode") as ahead:
+        pending = ahead.submit(_decoded, root, chunks[0], fmt) if chunks else None
+        for number, chunk in enumerate(chunks):
+            results = pending.result()
+            pending = ahead.submit(_decoded, root, chunks[number + 1], fmt) if number + 1 < len(chunks) else None
+            batch = _batch(root, entries[number * rows: number * rows + len(chunk)], results, cfg, report, shape,
+                           kept)
+            bad += sum(1 for result in results if isinstance(result, PipelineError)
+                       and not isinstance(result, NotAnImage))
+            if bad > cfg.max_bad_fraction * len(entries):
+                raise PipelineError(f"{root}: {bad} of {len(entries)} images cannot be decoded, more than "
+                                    f"data.max_bad_fraction={cfg.max_bad_fraction:g} (see the first: "
+                                    f"{report['skipped'][0]['why']})")
+            if batch is not None:
+                shape = batch.images.shape[1:]
+                kept += len(batch.images)
+                yield batch
+
+
+def _batch(root: str, chunk: list[Entry], results: list, cfg: DataConfig, report: dict, shape: tuple | None,
+           kept: int) -> Batch | None:
+    """A chunk's decoded images as a Batch; its files of no image format counted, its bad images failing the stage
+    or (data.on_bad_image=skip) listed in `report`."""
+    images, labels, paths = [], [], []
+    for (rel, label), result in zip(chunk, results):
+        if isinstance(result, NotAnImage):
+            report["not_images"].append(rel)
+            continue
+        if isinstance(result, PipelineError):
+            if cfg.on_bad_image == "fail":
+                raise PipelineError(f"{result} (data.on_bad_image=skip leaves bad images out)")
+            report["skipped"].append({"path": rel, "why": str(result)})
+            continue
+        pixels, source_size = result
+        if shape is None:
+            shape = pixels.shape
+        elif pixels.shape != shape:
+            raise PipelineError(f"{root}/{rel} is {list(pixels.shape)}, the images before it {list(shape)}: set "
+                                "data.image_size (and data.color_mode) to make the images one shape")
+        histogram = report["source_sizes"]
+        bucket = size_bucket(source_size)
+        histogram[bucket] = histogram.get(bucket, 0) + 1
+        images.append(pixels)
+        labels.append(label)
+        paths.append(rel)
+    if not images:
+        return None
+    where = f"{root} files {paths[0]}..{paths[-1]}"
+    return Batch(np.stack(images), np.asarray(labels, np.int64), kept, where, {"path": pa.array(paths)})
 
 
 def size_bucket(size: tuple[int, int]) -> str:

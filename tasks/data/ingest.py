@@ -37,14 +37,17 @@ from tasks.validation.statistics import ImageStatistics, leakage
 
 log = logging.getLogger("tfpipe.ingest")
 
-INGEST_CODE_VERSION = "4"  # 3: streamed in row batches, validation split by hash, records dealt round-robin;
-# 4: statistics.json (tasks/validation/statistics.py), computed in the same pass
+INGEST_CODE_VERSION = "5"  # 3: streamed in row batches, validation split by hash, records dealt round-robin;
+# 4: statistics.json (tasks/validation/statistics.py), computed in the same pass; 5: the one preprocessing in
+# TensorFlow ops (tasks/preprocess/graph.py), the same as the serving graph's
 STATISTICS_FILE = "statistics.json"
+TEST_FILES_KEPT = 512  # the test split's first files named in the manifest: the serving graph is checked on them
 STAGE = "ingest"
 # Keys of `data` that change what is written. The reader-only key (shuffle_buffer) and the batch size do not.
 INGEST_KEYS = ("source", "validation_fraction", "shards", "seed", "image_column", "label_column", "image_shape",
                "limit", "tfds_data_dir", "split_key", "image_size", "resize", "interpolation", "color_mode",
-               "test_fraction", "class_names", "labels_file", "on_bad_image", "max_bad_fraction", "cache_encoding")
+               "test_fraction", "class_names", "labels_file", "on_bad_image", "max_bad_fraction", "cache_encoding",
+               "max_image_pixels")
 
 
 # ------------------------------------------------------------------------------------------ TFRecords
@@ -163,9 +166,12 @@ class CacheWriter:
         self.shape: list[int] | None = None
         self.splits: dict[str, ShardSet] = {}
         self.placed = {"train": 0, "validation": 0}
+        self.test_paths: list[str] = []  # the first test records' files, when the source has files
 
     def add(self, split: str, batch: Batch, total: int | None) -> None:
         self._check_shape(batch)
+        if split == "test" and "path" in batch.columns and len(self.test_paths) < TEST_FILES_KEPT:
+            self.test_paths += batch.columns["path"].to_pylist()[: TEST_FILES_KEPT - len(self.test_paths)]
         if not self.splits:
             nbytes = int(np.prod(self.shape))
             self.splits = {s: ShardSet(self.directory, s, self.cfg.shards, nbytes, self.cfg.cache_encoding)
@@ -272,7 +278,11 @@ def write_cache(cfg: DataConfig, src_hash: str, hash_method: str, out: str) -> d
             raise PipelineError(f"{cfg.source}: the test split is empty: it needs at least one example")
     body = cache.finish(source.label_names)
     train, val = body["splits"]["train"]["count"], body["splits"]["validation"]["count"]
-    return {**body, "statistics_path": STATISTICS_FILE, "source": source.description, "source_hash": src_hash, "source_hash_method": hash_method,
+    files_root = source.report.pop("files_root", None)
+    if files_root and cache.test_paths:
+        body["test_files"] = {"root": files_root, "paths": cache.test_paths}
+    return {**body, "statistics_path": STATISTICS_FILE, "source": source.description, "source_hash": src_hash,
+            "source_hash_method": hash_method,
             "dtype": "uint8", "encoding": cfg.cache_encoding, "label_names": source.label_names,
             "validation_split": {"method": f"hash of column {source.split_key}" if source.split_key else "hash of row index",
                                  "seed": cfg.seed, "fraction": cfg.validation_fraction,

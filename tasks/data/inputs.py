@@ -79,22 +79,23 @@ def _images(given: str, base: str, found: list[str]) -> PredictionInput:
     return PredictionInput(given=given, kind="images", base=base, files=found)
 
 
-def read_images(cfg: PipelineConfig, source: PredictionInput, fmt: ImageFormat,
-                model_shape: list[int]) -> Iterator[Batch]:
-    """The input's images, `predict.batch_size` rows at a time, made the model's format `fmt`: image files keyed
-    by their path; Parquet with `predict.key_columns` passed along, its image shape from its metadata,
-    `data.image_shape`, or the model's input; a cache split in stored order."""
+def read_images(cfg: PipelineConfig, source: PredictionInput, fmt: ImageFormat, model_shape: list[int],
+                arrays: ImageFormat | None = None) -> Iterator[Batch]:
+    """The input's images, `predict.batch_size` rows at a time: encoded images made the model's format `fmt` (image
+    files keyed by their path), pixel arrays made `arrays` (default `fmt`); Parquet with `predict.key_columns`
+    passed along, its image shape from its metadata, `data.image_shape`, or the model's input; a cache split in
+    stored order."""
     rows = cfg.predict.batch_size
     if source.kind == "cache":
         return cache_batches(cfg, source.given, rows)
     if source.kind == "npz":
         x = load_npz(source.files[0], ("x",), "an .npz input holds the images as an array x")["x"]
-        return array_batches(x, None, rows, f"{source.given} x", fmt)
+        return array_batches(x, None, rows, f"{source.given} x", arrays or fmt)
     if source.kind == "images":
         return file_batches(source.base, source.files, fmt, cfg.data.model_copy(update={"ingest_batch_rows": rows}))
     shape = schema_metadata(open_parquet(source.files[0]).schema_arrow).get("image_shape") or cfg.data.image_shape
     return parquet_batches(f"{source.given} ({cfg.data.image_column})", source.files, cfg.data.image_column, None,
-                           cfg.predict.key_columns, shape or model_shape, rows, fmt=fmt)
+                           cfg.predict.key_columns, shape or model_shape, rows, fmt=fmt, arrays=arrays)
 
 
 def cache_batches(cfg: PipelineConfig, ref: str, rows: int) -> Iterator[Batch]:

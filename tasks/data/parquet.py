@@ -109,16 +109,17 @@ def parquet_source(directory: str, cfg: DataConfig, fmt: ImageFormat) -> Source:
 
 def parquet_batches(path: str, files: list[str], image_column: str, label_column: str | None, columns: list[str],
                     shape: list[int] | None, rows: int, limit: int | None = None,
-                    fmt: ImageFormat | None = None) -> Iterator[Batch]:
+                    fmt: ImageFormat | None = None, arrays: ImageFormat | None = None) -> Iterator[Batch]:
     """The images (and labels, when `label_column` is named) of Parquet files, `rows` at a time, with the other
-    `columns` passed along; the first `limit` rows only, when set."""
+    `columns` passed along; the first `limit` rows only, when set. Encoded images in `fmt`, raw pixels in
+    `arrays` (default: `fmt`)."""
     seen = 0
     for batch in iter_parquet_batches(files, [image_column, *([label_column] if label_column else []), *columns], rows):
         if limit and seen + batch.num_rows > limit:
             batch = batch.slice(0, limit - seen)
         where = f"{path} rows {seen}..{seen + batch.num_rows - 1}"
         labels = decode_labels(batch.column(label_column), where) if label_column else None
-        yield Batch(decode_images(batch.column(image_column), shape, where, fmt), labels, seen, where,
+        yield Batch(decode_images(batch.column(image_column), shape, where, fmt, arrays), labels, seen, where,
                     {c: batch.column(c) for c in columns})
         seen += batch.num_rows
         if limit and seen >= limit:

@@ -76,6 +76,13 @@ def _resizing(image_format: dict) -> str:
             "the same in the SavedModel's serve_bytes")
 
 
+def pixel_parity_line(figures: dict) -> str:
+    """How the serving graph's preprocessing compared with ingest's, as the card and the run report say it."""
+    exact = figures["equal"] == figures["samples"]
+    return (f"- `serve_bytes` feeds the model the pixels ingest cached for {figures['equal']} of {figures['sample']}"
+            + ("" if exact else f" (the rest within {figures['max_abs_diff']} level)"))
+
+
 def card_markdown(card: dict) -> str:
     model, data, ev, about = card["model"], card["data"], card["evaluation"], card["card"]
     names = data["class_names"] or [str(i) for i in range(model["classes"])]
@@ -100,6 +107,8 @@ def card_markdown(card: dict) -> str:
         "- serving formats: " + (", ".join(f"{name} (`{entry['path']}`, agrees with Keras on "
                                           f"{entry['parity']['label_agreement']:.2%})"
                                           for name, entry in model["exports"].items()) or "model.keras only"),
+        *([pixel_parity_line(model["exports"]["saved_model"]["parity_pixels"])]
+          if "parity_pixels" in model["exports"].get("saved_model", {}) else []),
         "", "## Data",
         f"- source `{data['source']}`, dataset {data['fingerprint'][:12]}",
         f"- examples: {', '.join(f'{split} {count:,}' for split, count in data['counts'].items())}",

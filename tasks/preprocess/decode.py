@@ -1,143 +1,170 @@
-"""One encoded image (a file's bytes, or a Parquet cell) to uint8 pixels of the shape the dataset asks for.
+"""Encoded images (files' bytes, Parquet cells) to the pixels of a format, many at a time: graph.py's one
+preprocessing in a tf.data pipeline on every core, each image's failure kept apart and named. Pillow decodes only
+the formats TensorFlow does not (TIFF, ICO, PPM, ...): it orients the image and hands its pixels to the same steps
+after decoding (graph.py `from_array`); a served model refuses those formats (README, "Your own images").
 
-Pillow opens lazily: the header's size is checked before any pixel is decoded (a decompression bomb, or an
-image of the wrong size when no resizing is asked for, fails fast). Then EXIF orientation is applied, the mode
-(L, LA, P, RGB, RGBA, CMYK, I;16, 1) converted to the colour mode, and the image resized to `data.image_size`:
-`stretch` to the size, `crop` (the centre cut to the target's aspect ratio, then resized) or `pad` (resized to fit,
-then padded with black), as Keras' `crop_to_aspect_ratio` / `pad_to_aspect_ratio`. A JPEG that shrinks a lot is
-decoded at a fraction of its size first (`Image.draft`), which is much faster and looks the same.
+Also here: arrays of pixels made a format's size (`to_format`), and pixels re-encoded for a cache that stores PNG
+or JPEG (`encode_image`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
-import math
+import re
 
 import numpy as np
 
 from tasks.errors import PipelineError, first_line
-from tasks.preprocess.image_format import (EXIF_ORIENTATION, GRAY_MODES, IMAGE_MAGIC, MAX_ENCODED_PIXELS, SWAPS_SIDES,
-                                           ImageFormat, NotAnImage)
+from tasks.preprocess.image_format import IMAGE_MAGIC, ImageFormat, NotAnImage
+
+Decoded = tuple[np.ndarray, tuple[int, int]]  # pixels, and the image's own (height, width) as displayed
 
 
-def open_image(blob: bytes, where: str):
-    """The image behind `blob`, opened lazily (its header read, no pixel decoded); NotAnImage when the bytes are
-    of no image format (a text file), PipelineError when they are a broken image."""
-    from PIL import Image, UnidentifiedImageError
+@functools.lru_cache(maxsize=16)
+def _graphs(fmt: ImageFormat):
+    """The format's compiled steps: the whole preprocessing, the header probe, and the steps after decoding."""
+    import tensorflow as tf
 
-    Image.MAX_IMAGE_PIXELS = None  # decode_image_sized checks the size itself, lower, naming the file
+    from tasks.preprocess import graph
+
+    spec = tf.TensorSpec([], tf.string)
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int32), spec])  # traced once, not by every pipeline
+    def decode(index, blob):
+        _, size, _ = graph.probe(blob)
+        return index, graph.pixels(blob, fmt, fmt.max_pixels), size
+
+    return (decode, tf.function(graph.probe, input_signature=[spec]),
+            tf.function(lambda image: graph.from_array(image, fmt), reduce_retracing=True),
+            tf.function(lambda blob: graph.pixels(blob, fmt, fmt.max_pixels), input_signature=[spec]))
+
+
+def decode_many(blobs: list[bytes], names: list[str], fmt: ImageFormat) -> list[Decoded | PipelineError]:
+    """Each blob's pixels in the format and its own size, or the PipelineError that says why not (NotAnImage for
+    bytes of no image format). Decoded in parallel; memory holds the blobs and their pixels."""
+    import tensorflow as tf
+
+    decode, _, _, _ = _graphs(fmt)
+    results: list = [None] * len(blobs)
+    if blobs:
+        pipeline = tf.data.Dataset.from_tensor_slices((tf.range(len(blobs)), tf.constant(blobs, tf.string)))
+        pipeline = pipeline.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+        for index, pixels, size in pipeline.as_numpy_iterator():
+            results[index] = (pixels, (int(size[0]), int(size[1])))
+    for index, result in enumerate(results):
+        if result is None:  # refused by the graph: another format, too many pixels, or a broken image
+            results[index] = _one_by_one(blobs[index], names[index], fmt)
+    return results
+
+
+def tensorflow_decodes(blob: bytes) -> bool:
+    """Whether the bytes are of a format the graph decodes (and a served model takes), from their first bytes."""
+    _, probe, _, _ = _graphs(ImageFormat())
+    return int(probe(blob)[0].numpy()) >= 0
+
+
+def decode_image(blob: bytes, where: str, fmt: ImageFormat) -> np.ndarray:
+    """One encoded image's pixels in the format (PipelineError naming `where` when it has none)."""
+    result = decode_many([blob], [where], fmt)[0]
+    if isinstance(result, PipelineError):
+        raise result
+    return result[0]
+
+
+def _one_by_one(blob: bytes, where: str, fmt: ImageFormat) -> Decoded | PipelineError:
+    """Why the graph refused an image, as a PipelineError; or its pixels through Pillow for another format."""
+    from tasks.preprocess.graph import KINDS
+
+    _, probe, _, whole = _graphs(fmt)
     try:
-        return Image.open(io.BytesIO(blob))
+        kind, size, _ = (v.numpy() for v in probe(blob))
+    except Exception as exc:  # a header too broken to read
+        return PipelineError(f"{where} is not a decodable image ({reason(exc)}): check the file")
+    if kind < 0:
+        return _with_pillow(blob, where, fmt)
+    height, width = int(size[0]), int(size[1])
+    if height * width > fmt.max_pixels:
+        return _too_big(where, height, width, fmt)
+    try:
+        return whole(blob).numpy(), (height, width)
+    except Exception as exc:  # truncated data, a broken stream: TensorFlow's InvalidArgumentError
+        return PipelineError(f"{where} is not a decodable {KINDS[kind]} image ({reason(exc)}): check the file")
+
+
+def reason(exc: Exception) -> str:
+    """A TensorFlow op's error as one line, without the names of the graph functions it ran in."""
+    return first_line(re.sub(r"\{\{[^}]*\}\}\s*", "", getattr(exc, "message", None) or str(exc)))
+
+
+def _too_big(where: str, height: int, width: int, fmt: ImageFormat) -> PipelineError:
+    return PipelineError(f"{where} declares {height}x{width} pixels, over data.max_image_pixels={fmt.max_pixels} (a "
+                         "decompression bomb?): it was not decoded; raise the limit if such images are expected")
+
+
+def _with_pillow(blob: bytes, where: str, fmt: ImageFormat) -> Decoded | PipelineError:
+    """A format TensorFlow does not decode: Pillow decodes and orients it, graph.py makes it the format."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # the size is checked here, against the configured limit, naming the file
+    try:
+        image = Image.open(io.BytesIO(blob))
     except UnidentifiedImageError as exc:
         if not blob.startswith(IMAGE_MAGIC):
-            raise NotAnImage(f"{where} is not an image (no format Pillow knows): check the file") from None
-        raise PipelineError(f"{where} is not a decodable image ({first_line(exc)}): check the file") from None
+            return NotAnImage(f"{where} is not an image (no format Pillow knows): check the file")
+        return PipelineError(f"{where} is not a decodable image ({first_line(exc)}): check the file")
     except Exception as exc:
-        raise PipelineError(f"{where} is not a decodable image ({first_line(exc)}): check the file") from None
-
-
-def displayed_size(image) -> tuple[int, int]:
-    """(height, width) once EXIF orientation is applied, from the header."""
-    width, height = image.size
+        return PipelineError(f"{where} is not a decodable image ({first_line(exc)}): check the file")
+    if image.width * image.height > fmt.max_pixels:
+        return _too_big(where, image.height, image.width, fmt)
     try:
-        turned = image.getexif().get(EXIF_ORIENTATION) in SWAPS_SIDES
-    except Exception:  # a broken EXIF block: the image as stored
-        turned = False
-    return (width, height) if turned else (height, width)
-
-
-def decode_image(blob: bytes, where: str, fmt: ImageFormat, expected: list[int] | None = None) -> np.ndarray:
-    """uint8 [h, w, c] pixels of one encoded image. Without a target size, its header must declare `expected`
-    (height, width) when given: a wrong size fails before decoding."""
-    return decode_image_sized(blob, where, fmt, expected)[0]
-
-
-def decode_image_sized(blob: bytes, where: str, fmt: ImageFormat,
-                       expected: list[int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """decode_image's pixels, and the image's own (height, width) before any resize."""
-    from PIL import ImageOps
-
-    image = open_image(blob, where)
-    height, width = displayed_size(image)
-    if fmt.size is None and expected is not None and [height, width] != list(expected[:2]):
-        raise PipelineError(f"{where} declares {height}x{width} pixels, expected {expected[0]}x{expected[1]}: it was "
-                            "not decoded; set data.image_size to resize the images to one shape (or fix "
-                            "data.image_shape)")
-    if width * height > MAX_ENCODED_PIXELS:
-        raise PipelineError(f"{where} declares {height}x{width} pixels, over the limit of {MAX_ENCODED_PIXELS} (a "
-                            "decompression bomb?): it was not decoded")
-    try:
-        if fmt.size is not None and image.format == "JPEG":
-            _draft(image, fmt, height, width)
-        image = ImageOps.exif_transpose(image)
-        image = _to_mode(image, fmt.channels)
-        if fmt.size is not None:
-            image = resized(image, fmt)
-        pixels = np.asarray(image, dtype=np.uint8)
-    except PipelineError:
-        raise
+        pixels = pillow_pixels(ImageOps.exif_transpose(image))
     except Exception as exc:  # truncated data, a broken stream: Pillow raises OSError, SyntaxError, ValueError...
-        raise PipelineError(f"{where} is not a decodable image ({first_line(exc)}): check the file") from None
-    return (pixels[..., None] if pixels.ndim == 2 else pixels), (height, width)
+        return PipelineError(f"{where} is not a decodable image ({first_line(exc)}): check the file")
+    _, _, from_array, _ = _graphs(fmt)
+    return from_array(pixels).numpy(), pixels.shape[:2]
 
 
-def _draft(image, fmt: ImageFormat, height: int, width: int) -> None:
-    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while keeping at least the pixels the resize needs."""
-    target_h, target_w = fmt.size
-    scale = {"stretch": None, "crop": max(target_h / height, target_w / width),
-             "pad": min(target_h / height, target_w / width)}[fmt.resize]
-    need_h, need_w = (target_h, target_w) if scale is None else (math.ceil(height * scale), math.ceil(width * scale))
-    if displayed_size(image) != tuple(reversed(image.size)):  # stored turned a quarter: its sides swap
-        need_h, need_w = need_w, need_h
-    image.draft(None, (need_w, need_h))
-
-
-def _to_mode(image, channels: int | None):
-    """The image in L (1 channel) or RGB (3 channels); `None` keeps grey images grey and makes the rest RGB."""
-    mode = image.mode
-    if channels is None:
-        channels = 1 if mode in GRAY_MODES else 3
-    if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit or wider grey: the top 8 bits
-        image = _eight_bit(image)
-        mode = image.mode
-    if channels == 1:
-        return image if mode == "L" else image.convert("L")
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # Pillow's advice for palette transparency given as bytes
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _eight_bit(image):
+def image_mode(stream) -> str | None:
+    """The Pillow mode of the image in a binary stream, from its header alone (Pillow reads as much of the stream
+    as the format's header needs); None when it is no image or a broken one."""
     from PIL import Image
 
-    values = np.asarray(image)
-    top = values.max(initial=0)
-    shift = 8 if top > 255 else 0  # 16-bit data in a 32-bit mode keeps its range; 8-bit data its values
-    return Image.fromarray((values.astype(np.int64) >> shift).clip(0, 255).astype(np.uint8), "L")
+    try:
+        with Image.open(stream) as image:
+            return image.mode
+    except Exception:  # UnidentifiedImageError, a truncated header: decoding decides what to do with the file
+        return None
 
 
-RESAMPLING = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS", "area": "BOX"}
-
-
-def resized(image, fmt: ImageFormat):
-    """`image` at fmt.size: stretched, centre-cropped to the aspect ratio then resized, or resized to fit and
-    padded with black. Pillow's filters widen when shrinking, so a reduction is antialiased."""
+def pillow_pixels(image) -> np.ndarray:
+    """A decoded Pillow image as uint8 [h, w, 1 or 3], by the graph's rules: 16-bit and wider grey keeps the top 8
+    of its 16 bits, other grey modes stay grey, everything else becomes RGB."""
     from PIL import Image
 
-    resample = getattr(Image.Resampling, RESAMPLING[fmt.interpolation])
-    target_h, target_w = fmt.size
-    width, height = image.size
-    if fmt.resize == "crop":
-        crop_w, crop_h = min(width, round(height * target_w / target_h)), min(height, round(width * target_h / target_w))
-        left, top = (width - crop_w) // 2, (height - crop_h) // 2
-        return image.resize((target_w, target_h), resample, box=(left, top, left + crop_w, top + crop_h))
-    if fmt.resize == "pad":
-        scale = min(target_w / width, target_h / height)
-        fit_w, fit_h = max(1, round(width * scale)), max(1, round(height * scale))
-        canvas = Image.new(image.mode, (target_w, target_h))
-        canvas.paste(image.resize((fit_w, fit_h), resample), ((target_w - fit_w) // 2, (target_h - fit_h) // 2))
-        return canvas
-    return image.resize((target_w, target_h), resample)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image.convert("I") if image.mode == "I" else image).astype(np.int64)
+        image = Image.fromarray((values >> 8).clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = image.convert("L")
+    if image.mode not in ("1", "L", "LA"):
+        image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+    pixels = np.asarray(image.convert("L") if image.mode in ("1", "LA") else image, dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def to_format(images: np.ndarray, fmt: ImageFormat | None) -> np.ndarray:
+    """Raw pixel arrays [n, h, w, c] made the format's size and channels (graph.py's steps after decoding), when
+    it asks for another shape."""
+    if fmt is None:
+        return images
+    wanted_channels = fmt.channels or images.shape[-1]
+    if fmt.size is None and images.shape[-1] == wanted_channels:
+        return images
+    if fmt.size is not None and list(images.shape[1:3]) == list(fmt.size) and images.shape[-1] == wanted_channels:
+        return images
+    _, _, from_array, _ = _graphs(fmt)
+    return np.stack([from_array(image).numpy() for image in images]) if len(images) else images
 
 
 def encode_image(pixels: np.ndarray, encoding: str) -> bytes:
@@ -152,23 +179,3 @@ def encode_image(pixels: np.ndarray, encoding: str) -> bytes:
     else:
         image.save(out, format="JPEG", quality=95)
     return out.getvalue()
-
-
-def resize_array(pixels: np.ndarray, fmt: ImageFormat) -> np.ndarray:
-    """Raw uint8 pixels [h, w, c] (a source stored as arrays) to the format's size and channels."""
-    from PIL import Image
-
-    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    image = _to_mode(image, fmt.channels)
-    out = np.asarray(resized(image, fmt) if fmt.size else image, dtype=np.uint8)
-    return out[..., None] if out.ndim == 2 else out
-
-
-def to_format(images: np.ndarray, fmt: ImageFormat | None) -> np.ndarray:
-    """Raw pixel arrays resized (and their channels converted) to the format, when it asks for another shape."""
-    if fmt is None:
-        return images
-    wanted_channels = fmt.channels or images.shape[-1]
-    if fmt.size is None or (list(images.shape[1:3]) == list(fmt.size) and images.shape[-1] == wanted_channels):
-        return images
-    return np.stack([resize_array(image, fmt) for image in images]) if len(images) else images

@@ -87,6 +87,7 @@ def export_formats(model, directory: str, formats: list[str], cfg: ExportConfig,
         entry["parity"] = figures[name]
     if "saved_model" in entries:
         entries["saved_model"]["parity_serve_bytes"] = figures["saved_model_bytes"]
+        entries["saved_model"]["parity_pixels"] = figures["saved_model_pixels"]
     log.info("exported %s, each agreeing with Keras on %s of %d test images", ", ".join(entries),
              " / ".join(f"{figures[n]['label_agreement']:.1%}" for n in entries), figures[formats[0]]["samples"])
     return entries

@@ -28,7 +28,7 @@ from tasks.data.streams import Batch
 from tasks.errors import PipelineError
 from tasks.model.precision import resolve_precision, with_dtype_policy
 from tasks.model.published import class_probabilities, load_model, model_input
-from tasks.preprocess.image_format import ImageFormat
+from tasks.preprocess.image_format import ImageFormat, array_format, model_format
 from tasks.progress import progress_bar
 from tasks.registry.champion import require_blessed
 from tasks.registry.models import resolve_model
@@ -75,10 +75,13 @@ class Predictor:
 
     @property
     def image_format(self) -> ImageFormat:
-        """How input images become the model's: as ingest made its training images (the dataset's size, resize
-        and interpolation, recorded in the model's manifest), in the model's channels."""
-        fmt = ImageFormat.from_settings(self.manifest.get("image_format"))
-        return ImageFormat(fmt.size, fmt.resize, fmt.interpolation, fmt.channels or self.image_shape[-1])
+        """How encoded input images become the model's: as in its serving graph (serve_bytes)."""
+        return model_format(self.manifest.get("image_format"), self.image_shape)
+
+    @property
+    def array_format(self) -> ImageFormat:
+        """How input pixel arrays become the model's: as its serving_default signature takes them."""
+        return array_format(self.manifest.get("image_format"), self.image_shape)
 
 
 def load_predictor(cfg: PipelineConfig, model_ref: str, allow_unblessed: bool) -> Predictor:
@@ -155,7 +158,7 @@ def predict_into(cfg: PipelineConfig, predictor: Predictor, source: PredictionIn
     metadata = {**WRITTEN_BY, "model_fingerprint": predictor.fingerprint, "model_uri": predictor.uri,
                 "label_names": json.dumps(predictor.manifest.get("label_names")), "input": source.given,
                 **(extra_metadata or {})}
-    batches = read_images(cfg, source, predictor.image_format, predictor.image_shape)
+    batches = read_images(cfg, source, predictor.image_format, predictor.image_shape, predictor.array_format)
     watch, report = InputWatch(predictor.manifest["num_classes"]), {}
 
     def judge() -> None:  # before the predictions are in place: on_drift=fail leaves nothing

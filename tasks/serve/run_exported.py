@@ -1,6 +1,6 @@
 """Runs exported model files in a process of their own, as a server or a device would load them, and writes their
 outputs: `python -m tasks.serve.run_exported WORK_DIR`. It reads `request.json` ({format: file}) and `sample.npz`
-(uint8 `images`, and their PNG bytes as `blobs` cut at `offsets`) and writes `outputs.npz`. It imports only what each
+(uint8 `images` at the model's size, and encoded images as `blobs` cut at `offsets`) and writes `outputs.npz`. It imports only what each
 format needs (TensorFlow, onnxruntime, ai_edge_litert), never Keras or tfpipe's stages.
 """
 
@@ -29,11 +29,16 @@ def saved_model_outputs(path: str, images: np.ndarray, blobs: list[bytes]) -> di
     import tensorflow as tf
 
     loaded = tf.saved_model.load(path)
-    by_images, by_bytes = loaded.signatures["serving_default"], loaded.signatures["serve_bytes"]
-    return {"saved_model": in_batches(lambda x: by_images(images=tf.constant(x))["probabilities"].numpy(), images),
-            "saved_model_bytes": in_batches(
-                lambda b: by_bytes(image_bytes=tf.constant(list(b), tf.string))["probabilities"].numpy(),
-                np.array(blobs, dtype=object))}
+    signatures = loaded.signatures
+    encoded = np.array(blobs, dtype=object)
+
+    def by_bytes(name: str, key: str):
+        return lambda b: signatures[name](image_bytes=tf.constant(list(b), tf.string))[key].numpy()
+
+    return {"saved_model": in_batches(lambda x: signatures["serving_default"](images=tf.constant(x))["probabilities"]
+                                      .numpy(), images),
+            "saved_model_bytes": in_batches(by_bytes("serve_bytes", "probabilities"), encoded),
+            "saved_model_pixels": in_batches(by_bytes("preprocess_bytes", "images"), encoded)}
 
 
 def tflite_outputs(path: str, images: np.ndarray) -> np.ndarray:

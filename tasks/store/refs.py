@@ -43,6 +43,7 @@ class DatasetArtifact(ArtifactRef):
     class_histograms: dict[str, list[int]] = {}  # split -> examples per class
     image_format: dict = {}  # how ingest made the images one shape (tasks/preprocess/image_format.py settings())
     encoding: str = "raw"  # how the records hold the pixels: raw, png or jpeg (data.cache_encoding)
+    test_files: dict = {}  # a folder source's first test records' files: {root, paths} (the serving graph's check)
 
 
 class ModelArtifact(ArtifactRef):
@@ -92,6 +93,7 @@ def dataset_artifact(uri: str, manifest: dict, cache_hit: bool) -> DatasetArtifa
         shards={s: [sh["file"] for sh in info["shards"]] for s, info in manifest["splits"].items()},
         class_histograms={s: info["class_histogram"] for s, info in manifest["splits"].items()},
         image_format=manifest.get("image_format") or {}, encoding=manifest.get("encoding", "raw"),
+        test_files=manifest.get("test_files") or {},
     )
 
 

@@ -70,10 +70,10 @@ def test_a_folder_of_photos_is_read_once_into_one_shape(photos, tmp_path):
     assert sum(dataset.counts.values()) == 150 + 2  # the rotated JPEG and the PNG named .jpg are images too
     manifest = json.load(open(f"{dataset.uri}/manifest.json"))
     assert manifest["image_format"] == {"image_size": [48, 64], "resize": "stretch", "interpolation": "bilinear",
-                                        "channels": 3}
+                                        "channels": 3, "max_pixels": 120_000_000}
     assert manifest["not_images"] == ["cherry/notes.txt"]  # counted; the hidden file is not even looked at
     assert [s["path"] for s in manifest["skipped"]] == ["cherry/truncated.jpg"]
-    assert "cherry/truncated.jpg is not a decodable image" in manifest["skipped"][0]["why"]
+    assert "cherry/truncated.jpg is not a decodable JPEG image" in manifest["skipped"][0]["why"]
     assert sum(manifest["source_sizes"].values()) == 152 and "512-1023px" in manifest["source_sizes"]
     # the test split: the files whose path hashes below data.test_fraction, and it keeps path order
     assert manifest["test_split"] == "hash of the path below data.test_fraction=0.2"
@@ -95,7 +95,7 @@ def test_a_bad_image_fails_naming_it_unless_skipped_and_too_many_fail_anyway(pho
                               *[a for s in folder(photos) for a in ("--set", s)])
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1, err
-    assert lines[0].startswith(f"tfpipe: error: {photos}/cherry/truncated.jpg is not a decodable image (")
+    assert lines[0].startswith(f"tfpipe: error: {photos}/cherry/truncated.jpg is not a decodable JPEG image (")
     assert lines[0].endswith("(data.on_bad_image=skip leaves bad images out)")
     assert not (tmp_path / "a" / "ingest").exists()
     code, _, err = invoke_cli("ingest", "--set", f"artifacts.root={tmp_path / 'b'}", "--set", "data.on_bad_image=skip",

