@@ -19,25 +19,31 @@ from tasks.errors import PipelineError, first_line
 from tasks.preprocess.image_format import IMAGE_MAGIC, ImageFormat, NotAnImage
 
 Decoded = tuple[np.ndarray, tuple[int, int]]  # pixels, and the image's own (height, width) as displayed
+BATCH = 64  # decoded images handed over at a time
 
 
 @functools.lru_cache(maxsize=16)
 def _graphs(fmt: ImageFormat):
-    """The format's compiled steps: the whole preprocessing, the header probe, and the steps after decoding."""
+    """The format's compiled steps: the header probe of a batch, one image's decoding (with its probed size), the
+    steps after decoding (Pillow's images), and the whole preprocessing of one file."""
     import tensorflow as tf
 
     from tasks.preprocess import graph
 
-    spec = tf.TensorSpec([], tf.string)
+    blob, blobs = tf.TensorSpec([], tf.string), tf.TensorSpec([None], tf.string)
+    probe = tf.function(graph.probe, input_signature=[blobs])
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.int32), spec])  # traced once, not by every pipeline
-    def decode(index, blob):
-        _, size, _ = graph.probe(blob)
-        return index, graph.pixels(blob, fmt, fmt.max_pixels), size
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int32), blob, tf.TensorSpec([], tf.int32),
+                                  tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.int32)])
+    def decode(index, data, kind, size, orientation):  # traced once, not by every pipeline
+        return (index, *graph.decode(data, kind, size, orientation, fmt))
 
-    return (decode, tf.function(graph.probe, input_signature=[spec]),
-            tf.function(lambda image: graph.from_array(image, fmt), reduce_retracing=True),
-            tf.function(lambda blob: graph.pixels(blob, fmt, fmt.max_pixels), input_signature=[spec]))
+    @tf.function(input_signature=[blob])
+    def whole(data):
+        kinds, sizes, orientations = graph.probe(data[None])
+        return graph.decode(data, kinds[0], sizes[0], orientations[0], fmt)
+
+    return decode, probe, tf.function(lambda image: graph.from_array(image, fmt), reduce_retracing=True), whole
 
 
 def decode_many(blobs: list[bytes], names: list[str], fmt: ImageFormat) -> list[Decoded | PipelineError]:
@@ -45,13 +51,20 @@ def decode_many(blobs: list[bytes], names: list[str], fmt: ImageFormat) -> list[
     bytes of no image format). Decoded in parallel; memory holds the blobs and their pixels."""
     import tensorflow as tf
 
-    decode, _, _, _ = _graphs(fmt)
+    decode, probe, _, _ = _graphs(fmt)
     results: list = [None] * len(blobs)
     if blobs:
         pipeline = tf.data.Dataset.from_tensor_slices((tf.range(len(blobs)), tf.constant(blobs, tf.string)))
+        pipeline = pipeline.batch(BATCH).map(lambda i, b: (i, b, *probe(b)),  # headers read a batch at a time
+                                             num_parallel_calls=tf.data.AUTOTUNE).unbatch()
         pipeline = pipeline.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-        for index, pixels, size in pipeline.as_numpy_iterator():
-            results[index] = (pixels, (int(size[0]), int(size[1])))
+        if fmt.size is not None and fmt.channels:  # one shape: batched, one step of Python per BATCH images
+            pipeline = pipeline.batch(BATCH)
+        else:
+            pipeline = pipeline.map(lambda index, pixels, size: (index[None], pixels[None], size[None]))
+        for indices, images, sizes in pipeline.as_numpy_iterator():
+            for index, pixels, size in zip(indices, images, sizes):
+                results[index] = (pixels, (int(size[0]), int(size[1])))
     for index, result in enumerate(results):
         if result is None:  # refused by the graph: another format, too many pixels, or a broken image
             results[index] = _one_by_one(blobs[index], names[index], fmt)
@@ -61,7 +74,7 @@ def decode_many(blobs: list[bytes], names: list[str], fmt: ImageFormat) -> list[
 def tensorflow_decodes(blob: bytes) -> bool:
     """Whether the bytes are of a format the graph decodes (and a served model takes), from their first bytes."""
     _, probe, _, _ = _graphs(ImageFormat())
-    return int(probe(blob)[0].numpy()) >= 0
+    return int(probe([blob])[0].numpy()[0]) >= 0
 
 
 def decode_image(blob: bytes, where: str, fmt: ImageFormat) -> np.ndarray:
@@ -76,18 +89,20 @@ def _one_by_one(blob: bytes, where: str, fmt: ImageFormat) -> Decoded | Pipeline
     """Why the graph refused an image, as a PipelineError; or its pixels through Pillow for another format."""
     from tasks.preprocess.graph import KINDS
 
+    import tensorflow as tf
+
     _, probe, _, whole = _graphs(fmt)
-    try:
-        kind, size, _ = (v.numpy() for v in probe(blob))
-    except Exception as exc:  # a header too broken to read
-        return PipelineError(f"{where} is not a decodable image ({reason(exc)}): check the file")
+    kind, size, orientation = (v.numpy()[0] for v in probe([blob]))
     if kind < 0:
         return _with_pillow(blob, where, fmt)
-    height, width = int(size[0]), int(size[1])
-    if height * width > fmt.max_pixels:
-        return _too_big(where, height, width, fmt)
     try:
-        return whole(blob).numpy(), (height, width)
+        if kind == 0:  # a JPEG's size, from libjpeg's reading of its header
+            size = tf.io.extract_jpeg_shape(blob).numpy()[:2][:: -1 if orientation >= 5 else 1]
+        height, width = int(size[0]), int(size[1])
+        if height * width > fmt.max_pixels:
+            return _too_big(where, height, width, fmt)
+        pixels, _ = whole(blob)
+        return pixels.numpy(), (height, width)
     except Exception as exc:  # truncated data, a broken stream: TensorFlow's InvalidArgumentError
         return PipelineError(f"{where} is not a decodable {KINDS[kind]} image ({reason(exc)}): check the file")
 

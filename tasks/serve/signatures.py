@@ -44,8 +44,7 @@ def serving_archive(model: keras.Model, image_shape: list[int], image_format: di
         return predictions(model, images, names)
 
     def preprocess_bytes(image_bytes):
-        return {"images": tf.map_fn(lambda blob: pixels(blob, fmt, fmt.max_pixels), image_bytes,
-                                    fn_output_signature=tf.TensorSpec(shape, tf.uint8))}
+        return {"images": pixels(image_bytes, fmt)}
 
     def serve_bytes(image_bytes):
         return predictions(model, preprocess_bytes(image_bytes)["images"], names)

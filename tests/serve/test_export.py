@@ -52,11 +52,12 @@ def test_serve_bytes_runs_the_function_ingest_runs_for_every_resize_filter_and_c
     camera's files: tests/preprocess/test_one_preprocessing.py.)"""
     import tensorflow as tf
 
-    from tasks.preprocess.decode import decode_image
+    from tasks.preprocess.decode import decode_many
     from tasks.preprocess.graph import pixels as graph_pixels
     from tasks.preprocess.image_format import ImageFormat
 
     rng = np.random.default_rng(0)
+    files = []
     for kind in ("PNG", "JPEG"):
         for height, width in [(40, 90), (300, 200), (161, 160), (20, 30)]:
             y, x = np.mgrid[0:height, 0:width]
@@ -64,14 +65,18 @@ def test_serve_bytes_runs_the_function_ingest_runs_for_every_resize_filter_and_c
             pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
             out = io.BytesIO()
             Image.fromarray(pixels).save(out, format=kind)
-            for resize in ("stretch", "crop", "pad"):
-                for interpolation in ("bilinear", "bicubic", "lanczos", "area", "nearest"):
-                    for channels in (1, 3):
-                        fmt = ImageFormat((48, 64), resize, interpolation, channels)
-                        ingest = decode_image(out.getvalue(), "x", fmt)
-                        served = tf.function(graph_pixels)(tf.constant(out.getvalue()), fmt, fmt.max_pixels).numpy()
-                        assert served.shape == ingest.shape == (48, 64, channels)
-                        assert np.array_equal(served, ingest), (kind, height, width, resize, interpolation, channels)
+            files.append(out.getvalue())
+    # every resize mode with the default filter, every filter with the default mode, both colour modes (each
+    # format's graph is traced once: a couple of seconds)
+    settings = [(resize, "bilinear") for resize in ("stretch", "crop", "pad")] + \
+        [("stretch", interpolation) for interpolation in ("bicubic", "lanczos", "area", "nearest")]
+    for resize, interpolation in settings:
+        for channels in (1, 3):
+            fmt = ImageFormat((48, 64), resize, interpolation, channels)
+            ingest = np.stack([pixels for pixels, _ in decode_many(files, [str(i) for i in range(len(files))], fmt)])
+            served = tf.function(graph_pixels)(tf.constant(files), fmt).numpy()
+            assert served.shape == ingest.shape == (len(files), 48, 64, channels)
+            assert np.array_equal(served, ingest), (resize, interpolation, channels)
 
 
 TF_ONLY_CLIENT = """
