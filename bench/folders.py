@@ -39,16 +39,19 @@ SIZE = 160
 
 
 def make_cameras(root: Path, images: int) -> None:
-    """24 MP JPEGs as a camera writes them: smooth scenes (a small photo enlarged), quality 90."""
+    """24 MP JPEGs as a camera writes them: a scene with a sensor's grain (4 to 9 MB each, quality 90)."""
     from PIL import Image
 
     rng = np.random.default_rng(5)
     for i in range(images):
         small = np.stack([120 + 90 * np.sin(np.arange(80)[None] / (5 + c + i % 3) + rng.random())
                           * np.cos(np.arange(60)[:, None] / (6 + c)) for c in range(3)], -1)
+        scene = np.asarray(Image.fromarray(small.clip(0, 255).astype(np.uint8)).resize(
+            (6000, 4000), Image.Resampling.BILINEAR), np.int16)
+        grain = rng.integers(-6, 7, scene.shape[:2], dtype=np.int16)[..., None]
         (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(small.clip(0, 255).astype(np.uint8)).resize((6000, 4000), Image.Resampling.BILINEAR).save(
-            root / f"class{i % 2}" / f"{i:04d}.jpg", quality=90)
+        Image.fromarray((scene + grain).clip(0, 255).astype(np.uint8)).save(root / f"class{i % 2}" / f"{i:04d}.jpg",
+                                                                           quality=90)
 
 
 def make_folder(root: Path, images: int, seed: int = 0) -> None:
@@ -134,7 +137,7 @@ def side(name: str, args: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--cameras", type=int, default=24)
+    parser.add_argument("--cameras", type=int, default=40)
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:

@@ -38,7 +38,8 @@ class DataConfig(Section):
     image_column: str = "image"
     label_column: str = "label"
     image_shape: list[int] | None = None
-    limit: int | None = Field(None, ge=1, description="use only the first N examples of each split")
+    limit: int | None = Field(None, ge=1, description="use only N examples of each split: a folder's, a seeded "
+                              "sample keeping every class; other sources', the first N")
     shuffle_buffer: int = Field(60000, ge=1)
     tfds_data_dir: str | None = None
     tfds_download: bool = False
@@ -58,8 +59,8 @@ class DataConfig(Section):
                                   "100 MP photos pass, a 12,000 x 12,000 decompression bomb does not")
     color_mode: Literal["auto", "rgb", "grayscale"] = Field(
         "auto", description="auto: a folder is rgb when any image has colour; other sources keep each image's own")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="folder with no train/ and test/: the share "
-                                 "of files (a seeded hash of the path) in the test split")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="folder without a test/ directory: the share "
+                                 "of files (a seeded hash of the content key) in the test split")
     class_names: list[str] | None = Field(None, description="folder: the classes in label order (default: the "
                                           "directory names, sorted); files of other classes are skipped")
     labels_file: str | None = Field(None, description="folder: a CSV or Parquet file of path,label[,split] rows "

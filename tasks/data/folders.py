@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline_config import DataConfig
@@ -28,8 +29,11 @@ from tasks.preprocess.decode import image_mode
 from tasks.preprocess.image_format import GRAY_MODES, configured_channels, image_format
 from tasks.store import storage
 
-LAYOUT = ("data.source=folder:PATH needs PATH/<class>/<image files> (or PATH/train/<class>/... and "
-          "PATH/test/<class>/...), or data.labels_file with path,label rows")
+LAYOUT = ("data.source=folder:PATH needs PATH/<class>/<image files> (or PATH/train/<class>/... with PATH/val/ "
+          "and PATH/test/), or data.labels_file with path,label rows")
+# Directories that name a split when class directories are under them, wherever they are in the tree.
+SPLIT_DIRECTORIES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation",
+                     "test": "test"}
 
 
 def folder_files(root: str) -> dict[str, str]:
@@ -41,51 +45,100 @@ def folder_files(root: str) -> dict[str, str]:
 
 def folder_source(root: str, cfg: DataConfig) -> Source:
     files = folder_files(root)
+    keys = content_keys(root, files)
     if cfg.labels_file:
-        names, found, report = labelled_by_file(cfg, set(files))
+        names, found, report = labelled_by_file(cfg, set(files), keys)
     else:
-        names, found, report = labelled_by_directory(files, cfg)
+        names, found, report = labelled_by_directory(files, cfg, keys)
     if not found["train"]:
         raise PipelineError(f"{root}: no labelled image files for the train split: {LAYOUT}")
-    channels = configured_channels(cfg) or colour_channels(root, found["train"] + found["test"])
+    classes = sorted({label for entries in found.values() for _, label in entries})
+    if len(classes) < 2:
+        raise PipelineError(f"{root}: the data has {len(classes)} class ({', '.join(names[c] for c in classes) or 'none'})"
+                            f": a classifier needs at least two; check the layout ({LAYOUT})")
+    channels = configured_channels(cfg) or colour_channels(root, [e for entries in found.values() for e in entries])
     fmt = image_format(cfg, channels)
     report.update(image_format=fmt.settings(), class_names=names, skipped=[], not_images=[], source_sizes={},
                   files_root=os.path.abspath(root) if storage.is_local(root) else root)
     splits = {}
     for split, entries in found.items():
-        entries = entries[: cfg.limit] if cfg.limit else entries
-        splits[split] = SplitStream(image_batches(root, entries, fmt, cfg, report), len(entries))
-    return Source(splits, names, f"folder:{root}", split_key="path", report=report)
+        if split == "validation" and not entries:
+            continue  # carved from train at ingest
+        entries = balanced(entries, cfg.limit, cfg.seed) if cfg.limit else entries
+        splits[split] = SplitStream(image_batches(root, entries, fmt, cfg, report, keys), len(entries))
+    return Source(splits, names, f"folder:{root}", split_key="group", report=report)
 
 
-def labelled_by_directory(files: dict[str, str], cfg: DataConfig) -> tuple[list[str], dict[str, list[Entry]], dict]:
-    """Labels from the class directories; the test split from train/ and test/, or from the path's hash."""
-    top = {rel.split("/", 1)[0] for rel in files if "/" in rel}
-    presplit = {"train", "test"} <= top
-    classed: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+def content_keys(root: str, files: dict[str, str]) -> dict[str, str]:
+    """A key per file that identical files share, so that the splits tfpipe draws keep copies of a photo under two
+    names together: the bytes' sha256 for the files whose size another file has too (only those can be copies:
+    they are read once more), the path for the others."""
+    by_size: dict[str, list[str]] = {}
+    for rel, identity in files.items():
+        by_size.setdefault(identity.split(":", 1)[0], []).append(rel)
+    return {rel: f"sha256:{storage.sha256(storage.join(root, rel))}" if len(rels) > 1 else rel
+            for rels in by_size.values() for rel in rels}
+
+
+def balanced(entries: list[Entry], limit: int, seed: int) -> list[Entry]:
+    """At most `limit` entries with every class kept: a seeded sample drawn from each class in turn (a class with
+    fewer gives all it has), in path order."""
+    by_class: dict[int, list[Entry]] = {}
+    for entry in entries:
+        by_class.setdefault(entry[1], []).append(entry)
+    rng = np.random.default_rng(seed)
+    queues = [[members[i] for i in rng.permutation(len(members))] for _, members in sorted(by_class.items())]
+    picked: list[Entry] = []
+    while len(picked) < limit and any(queues):
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.append(queue.pop())
+    return sorted(picked)
+
+
+def _split_at(parts: list[str]) -> int | None:
+    """Where a split directory is in a file's path: one with a class directory and the file under it."""
+    return next((i for i in range(len(parts) - 2) if parts[i].lower() in SPLIT_DIRECTORIES), None)
+
+
+def labelled_by_directory(files: dict[str, str], cfg: DataConfig,
+                          keys: dict[str, str]) -> tuple[list[str], dict[str, list[Entry]], dict]:
+    """Labels from the class directories; the splits from train/, val/ (validation/, valid/) and test/ directories
+    wherever they are, or drawn by a seeded hash of the content key: the test split (when there is no test/)
+    here, the validation split (when there is no val/) at ingest."""
+    presplit = any(_split_at(rel.split("/")) is not None for rel in files)
+    classed: dict[str, list[tuple[str, str]]] = {"train": [], "validation": [], "test": []}
     outside = 0
     for rel in sorted(files):
         parts = rel.split("/")
-        if presplit and parts[0] in classed and len(parts) >= 3:
-            classed[parts[0]].append((rel, parts[1]))
+        at = _split_at(parts) if presplit else None
+        if at is not None:
+            classed[SPLIT_DIRECTORIES[parts[at].lower()]].append((rel, parts[at + 1]))
         elif not presplit and len(parts) >= 2:
             classed["train"].append((rel, parts[0]))
         else:
             outside += 1  # not in a class directory
-    if not presplit:
-        test = below(key_hashes([rel for rel, _ in classed["train"]], cfg.seed + TEST_SALT, "folder"), cfg.test_fraction)
+    if presplit and not classed["train"]:
+        raise PipelineError(f"the folder has split directories ({', '.join(s for s in classed if classed[s])}) but no "
+                            f"train/<class>/ files: {LAYOUT}")
+    given = [f"{name}/" for name, split in (("train", "train"), ("val", "validation"), ("test", "test"))
+             if presplit and classed[split]]
+    drawn = not classed["test"]
+    if drawn:
         pairs = classed["train"]
-        classed = {"train": [p for p, t in zip(pairs, test) if not t], "test": [p for p, t in zip(pairs, test) if t]}
+        test = below(key_hashes([keys[rel] for rel, _ in pairs], cfg.seed + TEST_SALT, "folder"), cfg.test_fraction)
+        classed.update(train=[p for p, t in zip(pairs, test) if not t], test=[p for p, t in zip(pairs, test) if t])
     names = list(cfg.class_names or sorted({cls for pairs in classed.values() for _, cls in pairs}))
     index = {name: i for i, name in enumerate(names)}
     found = {split: [(rel, index[cls]) for rel, cls in pairs if cls in index] for split, pairs in classed.items()}
     other = sum(len(pairs) for pairs in classed.values()) - sum(len(entries) for entries in found.values())
-    return names, found, {"test_split": "train/ and test/ directories" if presplit else
-                          f"hash of the path below data.test_fraction={cfg.test_fraction}",
+    return names, found, {"test_split": f"hash of the content below data.test_fraction={cfg.test_fraction}"
+                          if drawn else "the test/ directory", "split_directories": given,
                           "files_outside_class_directories": outside, "files_of_other_classes": other}
 
 
-def labelled_by_file(cfg: DataConfig, present: set[str]) -> tuple[list[str], dict[str, list[Entry]], dict]:
+def labelled_by_file(cfg: DataConfig, present: set[str],
+                     keys: dict[str, str]) -> tuple[list[str], dict[str, list[Entry]], dict]:
     """Labels (and, when the file has a `split` column, the split) from data.labels_file."""
     rows = read_labels_file(cfg.labels_file)
     missing = sorted(set(rows["path"]) - present)
@@ -93,9 +146,15 @@ def labelled_by_file(cfg: DataConfig, present: set[str]) -> tuple[list[str], dic
         raise PipelineError(f"{cfg.labels_file} names {len(missing)} file(s) the folder does not hold (first: "
                             f"{missing[0]}): paths are relative to the folder; fix the file or the folder")
     labels = rows["label"]
+    indices = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels)
     if cfg.class_names:
         names = list(cfg.class_names)
-    elif all(isinstance(v, int) and v >= 0 for v in labels):  # class indices: their names are the numbers
+        if indices:  # class indices into data.class_names
+            if max(labels) >= len(names):
+                raise PipelineError(f"{cfg.labels_file}: label {max(labels)} but data.class_names has {len(names)} "
+                                    "names: fix the label or add the class")
+            labels = [names[v] for v in labels]
+    elif indices:  # class indices: their names are the numbers
         names = [str(i) for i in range(max(labels) + 1)]
     else:
         names = sorted({str(v) for v in labels})
@@ -106,16 +165,17 @@ def labelled_by_file(cfg: DataConfig, present: set[str]) -> tuple[list[str], dic
                             "or add the class")
     splits = rows.get("split") or [None] * len(labels)
     order = sorted(range(len(labels)), key=lambda i: rows["path"][i])
-    hashed = below(key_hashes([rows["path"][i] for i in order], cfg.seed + TEST_SALT, cfg.labels_file), cfg.test_fraction)
-    found: dict[str, list[Entry]] = {"train": [], "test": []}
+    hashed = below(key_hashes([keys[rows["path"][i]] for i in order], cfg.seed + TEST_SALT, cfg.labels_file),
+                   cfg.test_fraction)
+    found: dict[str, list[Entry]] = {"train": [], "validation": [], "test": []}
     for i, in_test in zip(order, hashed):
-        split = splits[i] or ("test" if in_test else "train")
-        if split not in found:
-            raise PipelineError(f"{cfg.labels_file}: split {split!r} for {rows['path'][i]}: use train or test")
+        split = SPLIT_DIRECTORIES.get(str(splits[i]).lower()) if splits[i] else ("test" if in_test else "train")
+        if split is None:
+            raise PipelineError(f"{cfg.labels_file}: split {splits[i]!r} for {rows['path'][i]}: use train, val or test")
         found[split].append((rows["path"][i], index[str(labels[i])]))
     unlabelled = len(present) - len(rows["path"])
     return names, found, {"test_split": "the labels file's split column" if "split" in rows else
-                          f"hash of the path below data.test_fraction={cfg.test_fraction}",
+                          f"hash of the content below data.test_fraction={cfg.test_fraction}",
                           "files_without_a_label": unlabelled}
 
 

@@ -81,10 +81,11 @@ def batch_rows(cfg: DataConfig, fmt: ImageFormat) -> int:
     return max(1, min(cfg.ingest_batch_rows, BATCH_BYTES // per_image))
 
 
-def image_batches(root: str, entries: list[Entry], fmt: ImageFormat, cfg: DataConfig,
-                  report: dict) -> Iterator[Batch]:
-    """The entries' images, `batch_rows` at a time, with their paths as the `path` column; the next batch decodes
-    while this one is written. Files of no image format are skipped and counted in `report`."""
+def image_batches(root: str, entries: list[Entry], fmt: ImageFormat, cfg: DataConfig, report: dict,
+                  keys: dict[str, str] | None = None) -> Iterator[Batch]:
+    """The entries' images, `batch_rows` at a time, with their paths as the `path` column (and their `keys` as the
+    `group` column, when given); the next batch decodes while this one is written. Files of no image format are
+    skipped and counted in `report`."""
     kept, bad, shape = 0, 0, None
     rows = batch_rows(cfg, fmt)
     chunks = [[rel for rel, _ in entries[start: start + rows]] for start in range(0, len(entries), rows)]
@@ -94,7 +95,7 @@ def image_batches(root: str, entries: list[Entry], fmt: ImageFormat, cfg: DataCo
             results = pending.result()
             pending = ahead.submit(_decoded, root, chunks[number + 1], fmt) if number + 1 < len(chunks) else None
             batch = _batch(root, entries[number * rows: number * rows + len(chunk)], results, cfg, report, shape,
-                           kept)
+                           kept, keys)
             bad += sum(1 for result in results if isinstance(result, PipelineError)
                        and not isinstance(result, NotAnImage))
             if bad > cfg.max_bad_fraction * len(entries):
@@ -108,7 +109,7 @@ def image_batches(root: str, entries: list[Entry], fmt: ImageFormat, cfg: DataCo
 
 
 def _batch(root: str, chunk: list[Entry], results: list, cfg: DataConfig, report: dict, shape: tuple | None,
-           kept: int) -> Batch | None:
+           kept: int, keys: dict[str, str] | None) -> Batch | None:
     """A chunk's decoded images as a Batch; its files of no image format counted, its bad images failing the stage
     or (data.on_bad_image=skip) listed in `report`."""
     images, labels, paths = [], [], []
@@ -136,7 +137,8 @@ def _batch(root: str, chunk: list[Entry], results: list, cfg: DataConfig, report
     if not images:
         return None
     where = f"{root} files {paths[0]}..{paths[-1]}"
-    return Batch(np.stack(images), np.asarray(labels, np.int64), kept, where, {"path": pa.array(paths)})
+    columns = {"path": pa.array(paths), **({"group": pa.array([keys[p] for p in paths])} if keys else {})}
+    return Batch(np.stack(images), np.asarray(labels, np.int64), kept, where, columns)
 
 
 def size_bucket(size: tuple[int, int]) -> str:

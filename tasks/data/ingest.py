@@ -25,7 +25,7 @@ import numpy as np
 from pipeline_config import DataConfig, fingerprint
 from tasks.data.sources import expected_shape, open_source, source_hash
 from tasks.data.splits import below, row_hashes
-from tasks.data.streams import SPLITS, Batch
+from tasks.data.streams import Batch
 from tasks.errors import CorruptArtifact, PipelineError
 from tasks.preprocess.decode import encode_image
 from tasks.progress import progress_bar
@@ -161,8 +161,9 @@ class ShardSet:
 class CacheWriter:
     """Routes each batch of the source to the train, validation and test shards."""
 
-    def __init__(self, directory: str, cfg: DataConfig, split_key: str | None = None):
+    def __init__(self, directory: str, cfg: DataConfig, split_key: str | None = None, validation_given: bool = False):
         self.directory, self.cfg, self.split_key = directory, cfg, split_key
+        self.validation_given = validation_given  # the source has a validation split of its own
         self.shape: list[int] | None = None
         self.splits: dict[str, ShardSet] = {}
         self.placed = {"train": 0, "validation": 0}
@@ -181,7 +182,12 @@ class CacheWriter:
             bounds = np.linspace(0, total, self.cfg.shards + 1) if total else np.array([0, np.inf])
             self.splits["test"].write(batch.images, batch.labels, np.searchsorted(bounds, rows, side="right") - 1)
             return
-        val = below(row_hashes(batch, self.cfg.seed, self.split_key), self.cfg.validation_fraction)
+        if split == "validation":  # the source's own (a folder's val/): every row of it
+            val = np.ones(len(batch.labels), bool)
+        elif self.validation_given:
+            val = np.zeros(len(batch.labels), bool)
+        else:  # carved from train: a seeded hash of the row's index or key
+            val = below(row_hashes(batch, self.cfg.seed, self.split_key), self.cfg.validation_fraction)
         for name, rows in (("train", ~val), ("validation", val)):
             count = int(rows.sum())
             if count:
@@ -211,6 +217,9 @@ class CacheWriter:
             raise PipelineError(f"{self.cfg.source}: label {highest} but only {len(label_names)} label names: fix the "
                                 "labels or the label_names metadata")
         num_classes = len(label_names) if label_names else highest + 1
+        if num_classes < 2:
+            raise PipelineError(f"{self.cfg.source}: the data has {num_classes} class: a classifier needs at least two; "
+                                "check the labels")
         info = {name: split.close(num_classes) for name, split in self.splits.items()}
         stats = {name: split.statistics for name, split in self.splits.items()}
         storage.write_json(join(self.directory, STATISTICS_FILE), {
@@ -267,8 +276,8 @@ def ingest(cfg: DataConfig, root: str, rebuild: bool = False) -> DatasetArtifact
 def write_cache(cfg: DataConfig, src_hash: str, hash_method: str, out: str) -> dict:
     """Stream the source's batches into the shards in `out`; returns the manifest body."""
     source = open_source(cfg)
-    cache = CacheWriter(out, cfg, source.split_key)
-    for split in SPLITS:
+    cache = CacheWriter(out, cfg, source.split_key, validation_given="validation" in source.splits)
+    for split in [s for s in ("train", "validation", "test") if s in source.splits]:
         stream = source.splits[split]
         with progress_bar(f"ingest {split}", stream.total, "rows") as update:
             for batch in stream.batches:
@@ -284,7 +293,8 @@ def write_cache(cfg: DataConfig, src_hash: str, hash_method: str, out: str) -> d
     return {**body, "statistics_path": STATISTICS_FILE, "source": source.description, "source_hash": src_hash,
             "source_hash_method": hash_method,
             "dtype": "uint8", "encoding": cfg.cache_encoding, "label_names": source.label_names,
-            "validation_split": {"method": f"hash of column {source.split_key}" if source.split_key else "hash of row index",
+            "validation_split": {"method": "the source's own" if "validation" in source.splits else
+                                 f"hash of column {source.split_key}" if source.split_key else "hash of row index",
                                  "seed": cfg.seed, "fraction": cfg.validation_fraction,
                                  "actual_fraction": val / max(train + val, 1)},
             **source.report, "data_config": {k: getattr(cfg, k) for k in INGEST_KEYS},

@@ -76,7 +76,7 @@ def test_a_folder_of_photos_is_read_once_into_one_shape(photos, tmp_path):
     assert "cherry/truncated.jpg is not a decodable JPEG image" in manifest["skipped"][0]["why"]
     assert sum(manifest["source_sizes"].values()) == 152 and "512-1023px" in manifest["source_sizes"]
     # the test split: the files whose path hashes below data.test_fraction, and it keeps path order
-    assert manifest["test_split"] == "hash of the path below data.test_fraction=0.2"
+    assert manifest["test_split"] == "hash of the content below data.test_fraction=0.2"
     assert 0.1 < dataset.counts["test"] / 152 < 0.3
     # the pixels: a file read back from the cache equals the file decoded alone
     images = np.concatenate([b[0].numpy() for b in make_dataset(dataset, "test", 64)])
